@@ -1,0 +1,146 @@
+"""Command line: ``python -m decoflow_core {prepare,info,run,score,report,bench}``.
+
+Bad arguments and bad data end with a one-line ``error: ...`` on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EMBEDDED_DIR = REPO / "data" / "embedded"
+
+
+def resolve_data(spec: str) -> Path:
+    """``embedded`` means the kit's own benchmark under data/, built on first use."""
+    if spec != "embedded":
+        return Path(spec)
+    from .embedded import build_embedded
+    return Path(build_embedded(EMBEDDED_DIR, seed=0))
+
+
+def parse_sets(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_prepare(args) -> int:
+    if args.what == "embedded":
+        from .embedded import build_embedded
+        out = build_embedded(args.out or EMBEDDED_DIR, seed=args.seed)
+        print(f"embedded benchmark ready at {out}")
+    else:
+        from .data import convert_visa
+        if not args.src or not args.out:
+            raise ValueError("prepare visa needs --src VISA_ROOT and --out DIR")
+        names = convert_visa(args.src, args.out)
+        print(f"converted {len(names)} VisA objects into {args.out}: {', '.join(names)}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .data import format_info_table, validate_tree
+    root = resolve_data(args.data)
+    print(f"{root}")
+    print(format_info_table(validate_tree(root)))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .config import make_config
+    from .train import run
+    config = make_config(args.profile, parse_sets(args.set))
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    metrics = run(data_root=resolve_data(args.data), tasks=tasks, method=args.method, config=config,
+                  seed=args.seed, out=args.out, resume=args.resume)
+    from .report import format_report
+    print(format_report([args.out]))
+    return 0 if metrics else 1
+
+
+def cmd_score(args) -> int:
+    from .report import score_images
+    for line in score_images(args.run, args.images, out_dir=args.out):
+        print(line)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import format_report
+    print(format_report(args.runs, per_task=args.per_task))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import benchmark
+    benchmark(data=resolve_data(args.data), task=args.task, profile=args.profile, sets=parse_sets(args.set))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m decoflow_core", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="build the embedded benchmark or convert VisA to the MVTec layout")
+    p.add_argument("what", choices=["embedded", "visa"])
+    p.add_argument("--out", help="output folder (embedded default: data/embedded)")
+    p.add_argument("--src", help="VisA root (holds split_csv/1cls.csv)")
+    p.add_argument("--seed", type=int, default=0, help="embedded benchmark seed")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("info", help="check a data tree and print its per-category table")
+    p.add_argument("--data", required=True, help="MVTec-layout root, or 'embedded'")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("run", help="train and evaluate one method over the task stream")
+    p.add_argument("--data", default="embedded", help="MVTec-layout root, or 'embedded' (default)")
+    p.add_argument("--tasks", help="comma-separated task order (default: all categories, alphabetical)")
+    p.add_argument("--method", default="decoflow", help="decoflow, finetune, ewc, replay, joint, independent")
+    p.add_argument("--profile", default="cpu", help="paper, cpu (default) or smoke")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--resume", action="store_true", help="continue a killed run after its last finished task")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("score", help="route and score images with a finished run")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--out", help="where anomaly-map PNGs go (default RUN/scores)")
+    p.add_argument("images", nargs="+")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("report", help="results table of one or more runs")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--per-task", action="store_true", help="also print per-task final metrics")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="throughput and latency of the cpu profile on this machine")
+    p.add_argument("--data", default="embedded")
+    p.add_argument("--task", help="category to time (default: the first)")
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .backbone import BackboneError
+    from .config import ConfigError
+    from .data import DataError
+    from .train import RunError
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, ConfigError, RunError, BackboneError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""``make reproduce``: run every numbered notebook in order with papermill.
+
+Executed copies go to the git-ignored ``runs/notebooks/``; the notebooks themselves write figures
+into ``figures/`` and tables into ``results/``. A failing notebook stops the run with its name and
+the cell that failed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def notebook_parameters(args) -> dict:
+    return {"DATA": args.data, "PROFILE": args.profile, "QUICK": bool(int(args.quick)),
+            "SEEDS": [int(s) for s in str(args.seeds).split(",") if s != ""],
+            "RUN_ROOT": str(REPO / "runs")}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="embedded")
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--quick", default="0")
+    parser.add_argument("--only", help="run only notebooks whose name contains this text")
+    args = parser.parse_args(argv)
+
+    if args.data == "embedded":
+        from .cli import resolve_data
+        print(f"data: embedded benchmark at {resolve_data('embedded')}")
+    notebooks = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if args.only:
+        notebooks = [nb for nb in notebooks if args.only in nb.name]
+    if not notebooks:
+        print("no notebooks in notebooks/ yet: nothing more to run")
+        return 0
+    import papermill as pm
+    params = notebook_parameters(args)
+    out_dir = REPO / "runs" / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = time.perf_counter()
+    for index, notebook in enumerate(notebooks, 1):
+        start = time.perf_counter()
+        print(f"[{index}/{len(notebooks)}] {notebook.name} ...", flush=True)
+        try:
+            pm.execute_notebook(str(notebook), str(out_dir / notebook.name), parameters=params,
+                                cwd=str(REPO / "notebooks"), progress_bar=False, kernel_name="python3")
+        except pm.PapermillExecutionError as err:
+            print(f"FAILED: {notebook.name}, cell {err.exec_count}: {err.ename}: {err.evalue}", file=sys.stderr)
+            print(f"executed copy with the traceback: {out_dir / notebook.name}", file=sys.stderr)
+            return 1
+        print(f"[{index}/{len(notebooks)}] {notebook.name} done in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"all {len(notebooks)} notebooks done in {time.perf_counter() - total:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

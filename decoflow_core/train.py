@@ -1,0 +1,249 @@
+"""The continual protocol (Sec. 3.1, 4.1): tasks arrive one at a time, no earlier data is kept, and
+no task id is given at inference (the router chooses).
+
+After training task i the learner is evaluated on every task j <= i, filling row i of the
+R[i][j] matrices (image AUROC, pixel AUROC, pixel AP). A run directory receives ``config.json``,
+``metrics.json``, the matrices as CSV, ``routing_confusion.csv`` and ``checkpoints/``. Progress is
+committed after every task (``progress.json``, written last and atomically), so a killed run
+restarted with ``resume=True`` continues after the last finished task and ends with the same results.
+"""
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import files
+from .backbone import FeatureExtractor
+from .config import Config, as_dict
+from .data import DataError, Category, list_categories, load_category, mask_for
+from .features import extract_features
+from .methods import METHODS, Learner, make_learner
+from .metrics import backward_transfer, forgetting, image_auroc, pixel_auroc_ap
+from .scoring import anomaly_map, image_score
+
+METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
+
+
+class RunError(ValueError):
+    """A run cannot start or resume; the message says why."""
+
+
+@dataclass
+class TaskData:
+    name: str
+    category: Category
+    train: dict  # {"patch": (N, D, g, g), "pooled": (N, G)}
+    test: dict
+    labels: np.ndarray  # (M,) 0 good / 1 defect
+    masks: np.ndarray | None  # (M, S, S) bool at eval_size, None when the category lacks masks
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def build_extractor(config: Config) -> FeatureExtractor:
+    return FeatureExtractor(backbone=config.backbone, weights=config.backbone_weights, grid=config.grid,
+                            feature_dim=config.feature_dim, positional_encoding=config.positional_encoding)
+
+
+def load_task(root: Path, name: str, extractor: FeatureExtractor, config: Config, device: str) -> TaskData:
+    category = load_category(root, name)
+    common = dict(image_size=config.image_size, cache_dir=config.feature_cache, device=device)
+    train = extract_features(extractor, category.train, desc=f"{name} train", **common)
+    test = extract_features(extractor, [s.path for s in category.test], desc=f"{name} test", **common)
+    labels = np.array([s.label for s in category.test])
+    masks = (np.stack([mask_for(s, config.eval_size) for s in category.test]) if category.has_masks else None)
+    return TaskData(name, category, train, test, labels, masks)
+
+
+def evaluate_task(learner: Learner, data: TaskData, config: Config) -> dict:
+    """Score one task's test set. Task-agnostic: the router picks the adapters for every image."""
+    if learner.uses_router and config.task_agnostic:
+        routed = learner.route(data.test["pooled"])
+    else:  # the oracle task id, or a one-flow method that has nothing to route
+        routed = [data.name] * len(data.labels)
+    nll = torch.empty(data.test["patch"].shape[0], *data.test["patch"].shape[2:])
+    for task in sorted(set(routed)):
+        idx = torch.tensor([i for i, r in enumerate(routed) if r == task])
+        nll[idx] = learner.patch_nll(task, data.test["patch"][idx])
+    scores = image_score(nll, mode=config.score_mode, k=config.score_k)
+    result = {"image_auroc": image_auroc(data.labels, scores.numpy()), "pixel_auroc": float("nan"),
+              "pixel_ap": float("nan"), "routed": routed}
+    if data.masks is not None:
+        sigma = config.map_sigma * config.eval_size / config.image_size
+        maps = anomaly_map(nll, config.eval_size, sigma=sigma).numpy()
+        result["pixel_auroc"], result["pixel_ap"] = pixel_auroc_ap(data.masks, maps)
+    return result
+
+
+def run_metadata(config: Config, extractor: FeatureExtractor, method: str, tasks: list[str],
+                 data_root: Path, seed: int) -> dict:
+    import timm
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"method": method, "tasks": tasks, "seed": seed, "data": str(data_root),
+            "config": as_dict(config), "backbone": extractor.backbone_name,
+            "weight_source": extractor.weight_source, "feature_dim": extractor.dim,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "timm": timm.__version__}, "git_commit": commit,
+            "breaks_no_replay": method == "replay", "continual": method != "joint"}
+
+
+def _matrix_csv(matrix: np.ndarray, tasks: list[str], row_label: str) -> str:
+    lines = [",".join([row_label] + tasks)]
+    for name, row in zip(tasks, matrix):
+        lines.append(",".join([name] + ["" if np.isnan(v) else f"{v:.6f}" for v in row]))
+    return "\n".join(lines) + "\n"
+
+
+def _nan_to_none(value: float):
+    return None if value is None or np.isnan(value) else float(value)
+
+
+def summarise(progress: dict, meta: dict, learner: Learner) -> dict:
+    """metrics.json from the recorded rows (see the module docstring for R)."""
+    tasks = meta["tasks"]
+    T = len(tasks)
+    matrices = {m: np.full((T, T), np.nan) for m in METRICS}
+    for i, row in enumerate(progress["rows"]):
+        if row is None:
+            continue
+        for j, result in row.items():
+            for m in METRICS:
+                matrices[m][i, tasks.index(j)] = np.nan if result[m] is None else result[m]
+    final = {t: {m: _nan_to_none(matrices[m][T - 1, j]) for m in METRICS} for j, t in enumerate(tasks)}
+    mean = {m: _nan_to_none(np.nanmean(matrices[m][T - 1])) if not np.isnan(matrices[m][T - 1]).all() else None
+            for m in METRICS}
+    continual = meta["continual"]
+    fm = {m: _nan_to_none(forgetting(matrices[m])) if continual else None for m in METRICS}
+    bwt = {m: _nan_to_none(backward_transfer(matrices[m])) if continual else None for m in METRICS}
+    confusion = np.zeros((T, T), dtype=int)
+    routing = None
+    if learner.uses_router and config_task_agnostic(meta):
+        for j, routed in progress["final_routing"].items():
+            for r in routed:
+                confusion[tasks.index(j), tasks.index(r)] += 1
+        routing = float(np.trace(confusion) / confusion.sum())
+    return {"method": meta["method"], "tasks": tasks, "final": final, "mean": mean, "forgetting": fm,
+            "bwt": bwt, "routing_accuracy": routing, "params": learner.params(),
+            "seconds": progress["seconds"], "history": progress["history"],
+            "breaks_no_replay": meta["breaks_no_replay"], "continual": continual,
+            "backbone": meta["backbone"], "weight_source": meta["weight_source"],
+            "_matrices": matrices, "_confusion": confusion}
+
+
+def config_task_agnostic(meta: dict) -> bool:
+    return bool(meta["config"]["task_agnostic"])
+
+
+def write_results(out: Path, summary: dict) -> dict:
+    matrices, confusion = summary.pop("_matrices"), summary.pop("_confusion")
+    tasks = summary["tasks"]
+    for m in METRICS:
+        files.write_text(out / f"matrix_{m}.csv", _matrix_csv(matrices[m], tasks, "after\\tested"))
+    files.write_text(out / "routing_confusion.csv", _matrix_csv(confusion.astype(float), tasks, "true\\routed"))
+    files.write_json(out / "metrics.json", summary)
+    return summary
+
+
+def _save_checkpoints(out: Path, learner: Learner, step: int, task: str) -> str:
+    ckpt = out / "checkpoints"
+    state = learner.state_dict()
+    if "base" in state:  # decoflow: the shared base once, then one small file per task
+        if step == 0:
+            files.write_torch(ckpt / "base.pt", state["base"])
+        files.write_torch(ckpt / f"task_{step:02d}_{task}.pt", state["tasks"][task])
+    elif "models" in state:  # independent: a whole flow per task
+        files.write_torch(ckpt / f"task_{step:02d}_{task}.pt", state["models"][task])
+    name = f"resume_{step:02d}.pt"
+    files.write_torch(ckpt / name, state)
+    return name
+
+
+def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: Config, seed: int,
+        out: str | Path, resume: bool = False, progress_bar: bool = True) -> dict:
+    """Run the continual protocol and write the run directory; returns the metrics dict."""
+    if method not in METHODS:
+        raise RunError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    data_root, out = Path(data_root), Path(out)
+    available = list_categories(data_root)
+    tasks = list(tasks) if tasks else available
+    unknown = [t for t in tasks if t not in available]
+    if unknown:
+        raise RunError(f"unknown task(s) {', '.join(unknown)} in {data_root}; available: {', '.join(available)}")
+    if len(set(tasks)) != len(tasks):
+        raise RunError(f"a task appears twice in --tasks {','.join(tasks)}")
+    if (out / "progress.json").exists() and not resume:
+        raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device = resolve_device(config.device)
+    extractor = build_extractor(config)
+    meta = run_metadata(config, extractor, method, tasks, data_root, seed)
+    progress = {"done": 0, "rows": [None] * len(tasks), "final_routing": {}, "history": {},
+                "seconds": {"features": 0.0, "train": {}, "eval": 0.0}, "resume_file": None}
+    if resume and (out / "progress.json").exists():
+        saved = files.read_json(out / "config.json")
+        if {k: saved[k] for k in ("method", "tasks", "seed", "config")} != \
+                {k: meta[k] for k in ("method", "tasks", "seed", "config")}:
+            raise RunError(f"{out} holds a run with another method, tasks, seed or config; "
+                           "resume it with the same arguments or choose another --out")
+        progress = files.read_json(out / "progress.json")
+    files.write_json(out / "config.json", meta)
+
+    start = time.perf_counter()
+    data = [load_task(data_root, t, extractor, config, device)
+            for t in tqdm(tasks, desc="features", disable=not progress_bar)]
+    progress["seconds"]["features"] = time.perf_counter() - start
+    dim = data[0].train["patch"].shape[1]
+    learner = make_learner(method, config, dim, device)
+    if progress["resume_file"]:
+        learner.load_state_dict(torch.load(out / "checkpoints" / progress["resume_file"],
+                                           map_location=device, weights_only=False))
+
+    steps = [len(tasks) - 1] if method == "joint" else range(len(tasks))
+    for step in tqdm(steps, desc=f"{method} tasks", disable=not progress_bar):
+        if step < progress["done"]:
+            continue
+        task = tasks[step]
+        torch.manual_seed(seed * 1000 + step)
+        start = time.perf_counter()
+        if method == "joint":
+            joined = {"patch": torch.cat([d.train["patch"] for d in data]),
+                      "pooled": torch.cat([d.train["pooled"] for d in data])}
+            log = learner.learn("all_tasks", joined, seed=seed * 1000 + step)
+        else:
+            log = learner.learn(task, data[step].train, seed=seed * 1000 + step)
+        progress["seconds"]["train"][task] = time.perf_counter() - start
+        progress["history"][task] = log
+
+        start = time.perf_counter()
+        row = {}
+        for j in range(step + 1):
+            result = evaluate_task(learner, data[j], config)
+            row[tasks[j]] = {m: _nan_to_none(result[m]) for m in METRICS}
+            progress["final_routing"][tasks[j]] = result["routed"]
+        progress["rows"][step] = row
+        progress["seconds"]["eval"] += time.perf_counter() - start
+
+        previous = progress["resume_file"]
+        progress["resume_file"] = _save_checkpoints(out, learner, step, task)
+        progress["done"] = step + 1
+        files.write_json(out / "progress.json", progress)  # the commit point of this task
+        if previous and previous != progress["resume_file"]:
+            (out / "checkpoints" / previous).unlink(missing_ok=True)
+
+    return write_results(out, summarise(progress, meta, learner))

@@ -1,0 +1,142 @@
+"""Router, losses and scoring on hand-computed and constructed cases."""
+import math
+
+import pytest
+import torch
+
+from decoflow_core.losses import patch_nll, tail_aware_loss
+from decoflow_core.router import PrototypeRouter
+from decoflow_core.scoring import anomaly_map, gaussian_blur, image_score
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: extra threads only add contention (50x slower on a busy box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- losses -----------------------------------------------------------------------------------
+def test_tail_aware_loss_hand_computed():
+    nll = torch.arange(1.0, 11.0).view(1, 2, 5)  # 10 patches, mean 5.5
+    assert tail_aware_loss(nll, lambda_tail=0.0, top_k=0.2) == pytest.approx(5.5)
+    assert tail_aware_loss(nll, lambda_tail=1.0, top_k=0.2) == pytest.approx(9.5)  # (10 + 9) / 2
+    assert tail_aware_loss(nll, lambda_tail=0.7, top_k=0.2) == pytest.approx(0.3 * 5.5 + 0.7 * 9.5)
+    assert tail_aware_loss(nll, lambda_tail=1.0, top_k=1e-6) == pytest.approx(10.0)  # >= 1 patch
+
+
+def test_patch_nll_per_dimension():
+    logp = torch.tensor([[[-8.0, 4.0]]])
+    assert torch.equal(patch_nll(logp), torch.tensor([[[8.0, -4.0]]]))
+    assert torch.equal(patch_nll(logp, dim=4), torch.tensor([[[2.0, -1.0]]]))
+
+
+# ---- router -----------------------------------------------------------------------------------
+def gaussian_tasks(n_tasks, dim, n, *, gen, spread=10.0):
+    means = spread * torch.eye(n_tasks, dim)
+    return {f"t{i}": means[i] + torch.randn(n, dim, generator=gen) for i in range(n_tasks)}
+
+
+@pytest.mark.parametrize("metric", ["mahalanobis", "euclidean"])
+def test_router_separates_well_separated_tasks(metric):
+    gen = torch.Generator().manual_seed(0)
+    train, test = gaussian_tasks(3, 16, 200, gen=gen), gaussian_tasks(3, 16, 50, gen=gen)
+    router = PrototypeRouter(metric=metric)
+    for name, feats in train.items():
+        router.add_task(name, feats)
+    for name, feats in test.items():
+        assert router.route(feats) == [name] * len(feats)
+
+
+def test_mahalanobis_beats_euclidean_on_anisotropic_tasks():
+    # Both tasks: std 10 along axis 0, std 0.1 along axis 1. Their means are 1 apart along the
+    # narrow axis but 15 apart along the wide one. Points of task A far out along the wide axis
+    # (x in [10, 20]) sit Euclidean-near B's mean, yet are 10 narrow-axis stds away from B.
+    gen = torch.Generator().manual_seed(0)
+    std = torch.tensor([10.0, 0.1])
+    mean_a, mean_b = torch.tensor([0.0, 0.0]), torch.tensor([15.0, 1.0])
+    train_a = mean_a + std * torch.randn(2000, 2, generator=gen)
+    train_b = mean_b + std * torch.randn(2000, 2, generator=gen)
+    test_a = torch.stack([torch.linspace(10, 20, 50), 0.1 * torch.randn(50, generator=gen)], 1)
+    test_b = mean_b + std * torch.randn(50, 2, generator=gen)
+    feats, labels = torch.cat([test_a, test_b]), ["a"] * 50 + ["b"] * 50
+    accuracy = {}
+    for metric in ("mahalanobis", "euclidean"):
+        router = PrototypeRouter(metric=metric)
+        router.add_task("a", train_a)
+        router.add_task("b", train_b)
+        accuracy[metric] = sum(p == t for p, t in zip(router.route(feats), labels)) / len(labels)
+    print(f"\nrouting accuracy: {accuracy}")
+    assert accuracy["mahalanobis"] == 1.0 and accuracy["euclidean"] <= 0.6
+
+
+def test_router_distances_are_batched_mahalanobis():
+    gen = torch.Generator().manual_seed(1)
+    router = PrototypeRouter()
+    for name, feats in gaussian_tasks(3, 6, 40, gen=gen, spread=2.0).items():
+        router.add_task(name, feats)
+    query = torch.randn(5, 6, generator=gen)
+    expected = torch.tensor([[math.sqrt((q - m).double() @ p.double() @ (q - m).double())
+                              for m, p in zip(router.means, router.precisions)] for q in query])
+    assert torch.allclose(router.distances(query), expected.double(), atol=1e-6)
+    restored = PrototypeRouter(metric="euclidean")
+    restored.load_state_dict(router.state_dict())
+    assert restored.metric == "mahalanobis" and torch.equal(restored.distances(query), router.distances(query))
+
+
+def test_ledoit_wolf_handles_fewer_samples_than_dims():
+    gen = torch.Generator().manual_seed(2)
+    train, test = gaussian_tasks(3, 64, 20, gen=gen), gaussian_tasks(3, 64, 20, gen=gen)
+    router = PrototypeRouter(shrinkage="ledoit_wolf")
+    for name, feats in train.items():
+        router.add_task(name, feats)
+    for name, feats in test.items():
+        assert router.route(feats) == [name] * len(feats)
+
+
+def test_router_memory_matches_paper_setting():
+    router = PrototypeRouter()
+    gen = torch.Generator().manual_seed(3)
+    for t in range(15):
+        router.add_task(f"t{t}", torch.randn(800, 768, generator=gen))
+    expected = 15 * (768 + 768 * 768) * 4  # float32 mean + precision per task
+    print(f"\nrouter memory, T=15, G=768: {router.memory_bytes() / 2**20:.1f} MiB")
+    assert router.memory_bytes() == expected
+
+
+# ---- scoring ----------------------------------------------------------------------------------
+def test_image_score_modes():
+    scores = torch.tensor([[[1.0, 5.0], [3.0, 2.0]]])
+    assert image_score(scores, "max").item() == 5.0
+    assert image_score(scores, "mean").item() == 2.75
+    assert image_score(scores, "topk", k=2).item() == 4.0
+    assert image_score(scores, "topk", k=3).item() == pytest.approx(10 / 3)
+    with pytest.raises(ValueError, match="topk"):
+        image_score(scores, "median")
+
+
+def test_blur_of_a_delta_is_the_gaussian():
+    sigma, size = 2.0, 41
+    delta = torch.zeros(1, size, size, dtype=torch.float64)
+    delta[0, 20, 20] = 1.0
+    blurred = gaussian_blur(delta, sigma)[0]
+    x = torch.arange(size, dtype=torch.float64) - 20
+    g = torch.exp(-0.5 * (x / sigma) ** 2) * (x.abs() <= 4 * sigma)  # kernel truncated at 4 sigma
+    g = g / g.sum()
+    assert torch.allclose(blurred, torch.outer(g, g), atol=1e-12)
+    assert blurred.sum().item() == pytest.approx(1.0)
+
+
+def test_anomaly_map_keeps_the_peak():
+    patch = torch.zeros(1, 8, 8)
+    patch[0, 2, 5] = 1.0
+    amap = anomaly_map(patch, size=64, sigma=2.0)[0]
+    assert amap.shape == (64, 64)
+    row, col = divmod(amap.argmax().item(), 64)
+    assert row in (19, 20) and col in (43, 44)  # centre of patch (2, 5): pixels 16-23, 40-47
+    assert torch.all(amap[row, col:].diff() <= 1e-7) and torch.all(amap[row:, col].diff() <= 1e-7)
+    window = amap[12:28, 36:52]  # symmetric about the patch centre (19.5, 43.5)
+    assert torch.allclose(window, window.flip(0), atol=1e-6) and torch.allclose(window, window.flip(1), atol=1e-6)
+    assert torch.equal(anomaly_map(patch, size=8, sigma=0), patch)
