@@ -9,6 +9,8 @@ All use the same features, the same flow (``DeCoFlow``) and the same training lo
                      It BREAKS the no-replay rule of the protocol; it is here as a reference.
 * ``joint``       -- one flow trained once on all tasks together: not continual, an upper reference.
 * ``independent`` -- a full flow per task and the router: perfect isolation, linear growth.
+* ``padim``       -- a reference outside the flow family: one Gaussian per patch position and per
+                     task (PaDiM-style), scored with the true task id. Not continual, not routed.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from .losses import patch_nll, tail_aware_loss
 from .model import DeCoFlow
 from .router import PrototypeRouter
 
-METHODS = ("decoflow", "finetune", "ewc", "replay", "joint", "independent")
+METHODS = ("decoflow", "finetune", "ewc", "replay", "joint", "independent", "padim")
 SHARED = "shared"  # the single task name of one-flow baselines
 
 
@@ -259,6 +261,44 @@ class IndependentLearner(Learner):
         return {"base": 0, "per_task": per_task, "per_task_ratio": math.nan}
 
 
+class PaDiMReference(Learner):
+    """Per task and per grid position a Gaussian of the patch features; score = squared Mahalanobis."""
+
+    continual = False
+
+    def __init__(self, config, dim, device, *, reg: float = 0.01):
+        super().__init__(config, dim, device)
+        self.reg = reg
+        self.gaussians: dict[str, dict] = {}
+
+    def learn(self, task, features, *, seed):
+        x = features["patch"].double().flatten(2).permute(2, 0, 1)  # (H*W, N, D)
+        mean = x.mean(dim=1, keepdim=True)
+        centred = x - mean
+        cov = centred.transpose(1, 2) @ centred / (x.shape[1] - 1)  # (H*W, D, D)
+        precision = torch.linalg.inv(cov + self.reg * torch.eye(self.dim, dtype=cov.dtype))
+        self.gaussians[task] = {"mean": mean.float(), "precision": precision.float()}
+        return {"loss": [], "nonfinite": 0}
+
+    @torch.no_grad()
+    def patch_nll(self, task, patches, batch_size=32):
+        g = self.gaussians[task]
+        n, d, h, w = patches.shape
+        diff = patches.flatten(2).permute(2, 0, 1) - g["mean"]  # (H*W, N, D)
+        squared = torch.einsum("pnd,pde,pne->pn", diff, g["precision"], diff)
+        return squared.T.reshape(n, h, w)
+
+    def state_dict(self):
+        return {"gaussians": self.gaussians}
+
+    def load_state_dict(self, state):
+        self.gaussians = state["gaussians"]
+
+    def params(self):
+        per_task = sum(t.numel() for t in next(iter(self.gaussians.values())).values()) if self.gaussians else 0
+        return {"base": 0, "per_task": per_task, "per_task_ratio": math.nan}
+
+
 def make_learner(method: str, config: Config, dim: int, device: str) -> Learner:
     if method == "decoflow":
         return DeCoFlowLearner(config, dim, device)
@@ -266,4 +306,6 @@ def make_learner(method: str, config: Config, dim: int, device: str) -> Learner:
         return IndependentLearner(config, dim, device)
     if method in ("finetune", "ewc", "replay", "joint"):
         return SharedFlowLearner(config, dim, device, method=method)
+    if method == "padim":
+        return PaDiMReference(config, dim, device)
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

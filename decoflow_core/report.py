@@ -38,7 +38,8 @@ def format_report(run_dirs, per_task: bool = False) -> str:
         if m.get("breaks_no_replay"):
             notes.append(f"{Path(run_dir).name}: replay stores earlier tasks' features: it breaks the no-replay rule.")
         if not m.get("continual", True):
-            notes.append(f"{Path(run_dir).name}: joint training sees all tasks at once: not continual, no FM/BWT.")
+            notes.append(f"{Path(run_dir).name}: {m['method']} is a reference, not continual "
+                         "(joint sees all tasks at once; padim keeps a model per task and is given the task id).")
         if per_task:
             for task, values in m["final"].items():
                 rows.append(["", f"  {task}", "", _fmt(values["image_auroc"]), _fmt(values["pixel_auroc"]),

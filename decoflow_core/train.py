@@ -99,7 +99,7 @@ def run_metadata(config: Config, extractor: FeatureExtractor, method: str, tasks
             "weight_source": extractor.weight_source, "feature_dim": extractor.dim,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "timm": timm.__version__}, "git_commit": commit,
-            "breaks_no_replay": method == "replay", "continual": method != "joint"}
+            "breaks_no_replay": method == "replay", "continual": method not in ("joint", "padim")}
 
 
 def _matrix_csv(matrix: np.ndarray, tasks: list[str], row_label: str) -> str:
