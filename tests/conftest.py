@@ -1,0 +1,114 @@
+"""Shared fixtures: a tiny MVTec-layout tree and the overrides that make runs take seconds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+SIZE = 64
+N_TRAIN, N_TEST_GOOD, N_DEFECT = 12, 4, 4
+# category -> (defect type, whether ground_truth masks are written)
+TINY_CATEGORIES = {"checker": ("bright_square", True), "gradient": ("dark_line", True),
+                   "noise": ("bright_square", False)}
+TINY_TEST_COUNT = N_TEST_GOOD + N_DEFECT
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Two cores are shared with other work; one thread avoids oversubscription."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _normal_image(category: str, rng: np.random.Generator) -> np.ndarray:
+    """(SIZE, SIZE, 3) float in [0, 1]: one normal instance, with small per-image variation."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / SIZE
+    if category == "gradient":
+        angle = rng.uniform(0, 0.3)
+        ramp = np.cos(angle) * x + np.sin(angle) * y
+        image = np.stack([0.2 + 0.6 * ramp, 0.3 + 0.4 * ramp, 0.8 - 0.5 * ramp], axis=-1)
+    elif category == "checker":
+        cell = 8
+        dy, dx = rng.integers(0, cell, size=2)
+        yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+        board = (((yy + dy) // cell + (xx + dx) // cell) % 2).astype(np.float32)
+        image = np.stack([0.1 + 0.8 * board] * 3, axis=-1) * np.array([1.0, 0.9, 0.7], np.float32)
+    elif category == "noise":
+        image = rng.uniform(0.3, 0.7, size=(SIZE, SIZE, 3)).astype(np.float32) * np.array([0.6, 1.0, 0.5], np.float32)
+    else:
+        raise ValueError(category)
+    return np.clip(image + rng.normal(0, 0.01, size=image.shape), 0, 1)
+
+
+def _defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Paint one defect; its mask is exactly the painted pixels."""
+    mask = np.zeros((SIZE, SIZE), dtype=bool)
+    if kind == "bright_square":
+        top, left = rng.integers(8, SIZE - 24, size=2)
+        mask[top:top + 16, left:left + 16] = True
+        image = image.copy()
+        image[mask] = [1.0, 1.0, 0.2]
+    elif kind == "dark_line":
+        row = rng.integers(10, SIZE - 14)
+        mask[row:row + 4, 6:SIZE - 6] = True
+        image = image.copy()
+        image[mask] = 0.0
+    else:
+        raise ValueError(kind)
+    return image, mask
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array.dtype == bool:
+        Image.fromarray(array.astype(np.uint8) * 255).save(path)
+    else:
+        Image.fromarray((array * 255).round().astype(np.uint8)).save(path)
+
+
+def build_tiny_tree(root: Path) -> Path:
+    """Three visually different categories; 'noise' has defects but no ground_truth folder."""
+    for index, (category, (defect, with_masks)) in enumerate(sorted(TINY_CATEGORIES.items())):
+        rng = np.random.default_rng(1000 + index)
+        base = root / category
+        for i in range(N_TRAIN):
+            _save(_normal_image(category, rng), base / "train/good" / f"{i:03d}.png")
+        for i in range(N_TEST_GOOD):
+            _save(_normal_image(category, rng), base / "test/good" / f"{i:03d}.png")
+        for i in range(N_DEFECT):
+            image, mask = _defect(_normal_image(category, rng), defect, rng)
+            _save(image, base / "test" / defect / f"{i:03d}.png")
+            if with_masks:
+                _save(mask, base / "ground_truth" / defect / f"{i:03d}_mask.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_tree(tmp_path_factory) -> Path:
+    """A small deterministic MVTec-layout tree (see TINY_CATEGORIES); treat it as read-only."""
+    return build_tiny_tree(tmp_path_factory.mktemp("tiny_tree"))
+
+
+@pytest.fixture(scope="session")
+def smoke_cache(tmp_path_factory) -> Path:
+    """One feature cache for the session, so the backbone runs once per category."""
+    return tmp_path_factory.mktemp("feature_cache")
+
+
+@pytest.fixture(scope="session")
+def smoke_args(smoke_cache) -> list[str]:
+    """CLI arguments for runs that take seconds on a CPU: the smoke profile at 64 px.
+
+    grid=7 keeps the flow small; the backbone's 8x8 and 4x4 maps are adaptively pooled to it.
+    """
+    sets = {"feature_cache": str(smoke_cache), "image_size": 64, "eval_size": 64, "grid": 7,
+            "device": "cpu", "num_threads": 1}
+    args = ["--profile", "smoke"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    return args
