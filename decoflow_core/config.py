@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -83,7 +83,10 @@ def make_config(profile: str = "cpu", overrides: dict[str, str] | None = None) -
     for key, raw in (overrides or {}).items():
         if key not in fields:
             raise ConfigError(f"unknown --set key {key!r}; known keys: {', '.join(sorted(fields))}")
-        setattr(config, key, parse_value(raw, getattr(Config(), key), key))
+        value = parse_value(raw, getattr(Config(), key), key)
+        if value is None and "None" not in str(fields[key].type):
+            raise ConfigError(f"--set {key}={raw}: {key} cannot be None")
+        setattr(config, key, value)
     return config
 
 

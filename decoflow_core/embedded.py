@@ -225,7 +225,7 @@ def _screw_draw(p):
     shaft_sd = np.maximum.reduce([np.abs(v) - width, u - (half_len + 10 - p["tip_cut"]), head_u - u])
     thread = 0.5 + 0.5 * np.sin(2 * np.pi * (u + 0.4 * v) / p["pitch"] + p["phase"])
     if p["worn"] is not None:
-        thread = np.where((u > p["worn"][0]) & (u < p["worn"][1]), 0.8, thread)
+        thread = np.where((u > p["worn"][0]) & (u < p["worn"][1]), 0.85, thread)
     shaft = 0.18 + 0.5 * np.sqrt(np.clip(1 - (v / r) ** 2, 0, 1)) * (0.45 + 0.55 * thread)
     rho = np.hypot(u - head_u, v)
     su, sv = (u - head_u) * np.cos(p["slot"]) + v * np.sin(p["slot"]), -(u - head_u) * np.sin(p["slot"]) + v * np.cos(p["slot"])
@@ -239,12 +239,12 @@ def _screw_draw(p):
 
 
 def _screw_missing_tip(p, rng):
-    return {**p, "tip_cut": rng.uniform(4, 16)}
+    return {**p, "tip_cut": rng.uniform(6, 18)}
 
 
 def _screw_worn_thread(p, rng):
     start = rng.uniform(-p["length"] / 2, p["length"] / 2 - 3)
-    return {**p, "worn": (start, start + rng.uniform(3, 9))}
+    return {**p, "worn": (start, start + rng.uniform(4, 12))}
 
 
 def _nut_sample(rng):
@@ -476,7 +476,7 @@ def _erase_print(img, fg, rng):
     """Wipe a patch of printed text back to paper; the mask keeps only pixels that lost ink."""
     paper = ndimage.maximum_filter(img, size=(9, 9, 1))
     u, v = _frame(*_place(fg, rng), rng.uniform(-0.1, 0.1))
-    alpha = _cover(_box(u, v, rng.uniform(3, 14), rng.uniform(2, 6)))
+    alpha = _cover(_box(u, v, rng.uniform(4, 16), rng.uniform(3, 7)))
     erased = _mix(img, paper, alpha)
     return erased, ndimage.binary_dilation(np.abs(erased - img).max(-1) > 0.08)
 
@@ -511,37 +511,39 @@ _CATEGORIES = {
         "crack": _surface(_crack), "hole": _surface(_spot),
         "stain": _surface(_stain, tint=(1.25, 1.25, 1.35), strength=(0.15, 0.7))}),
     "stone_wall": _texture(_photo_texture("brick", 1.8, 0.05, *_GRAY, gamma=1.4), {
-        "crack": _surface(_crack), "foreign_patch": _surface(_foreign_patch, donor="grass")}, gray=True),
+        "crack": _surface(_crack, width=(0.3, 0.9), strength=(0.2, 0.6)),
+        "foreign_patch": _surface(_foreign_patch, donor="grass", radius=(4, 10))}, gray=True),
     "grass": _texture(_photo_texture("grass", 1.0, np.pi, (0.05, 0.14, 0.03), (0.58, 0.86, 0.36)), {
-        "dry_patch": _surface(_stain, tint=(1.6, 1.1, 0.6), radius=(6, 22), strength=(0.2, 0.8)),
+        "dry_patch": _surface(_stain, tint=(1.6, 1.1, 0.6), radius=(6, 22), strength=(0.4, 0.9)),
         "foreign_patch": _surface(_foreign_patch, donor="gravel")}),
     "gravel": _texture(_photo_texture("gravel", 1.0, np.pi, *_GRAY), {
-        "hole": _surface(_spot, radius=(3, 10)), "oil_stain": _surface(_stain, tint=(0.5, 0.5, 0.5)),
-        "foreign_patch": _surface(_foreign_patch, donor="sand")}, gray=True),
+        "hole": _surface(_spot, radius=(3, 10)), "oil_stain": _surface(_stain, tint=(0.5, 0.5, 0.5), strength=(0.35, 0.85)),
+        "foreign_patch": _surface(_foreign_patch, donor="grass")}, gray=True),
     "sand": _texture(_photo_texture("gravel", 2.0, np.pi, (0.45, 0.36, 0.22), (0.98, 0.9, 0.72)), {
-        "wet_spot": _surface(_stain, tint=(0.7, 0.68, 0.7), strength=(0.2, 0.7)),
+        "wet_spot": _surface(_stain, tint=(0.6, 0.55, 0.5), strength=(0.4, 0.9)),
         "foreign_patch": _surface(_foreign_patch, donor="gravel")}),
     "wood": _Category(_wood_sample, _wood_draw, {
         "scratch": _surface(_scratch), "hole": _surface(_spot, radius=(1.5, 6)),
-        "stain": _surface(_stain, tint=(0.55, 0.5, 0.55))}),
+        "stain": _surface(_stain, tint=(0.6, 0.65, 0.8), radius=(5, 18), strength=(0.4, 0.9))}),
     "carpet": _Category(_carpet_sample, _carpet_draw, {
         "hole": _surface(_spot, radius=(2, 8)), "stain": _surface(_stain, tint=(1.3, 0.9, 0.6)),
         "thread": _surface(_scratch, width=(0.5, 1.2), length=(20, 60), strength=(0.5, 0.9), colour=(0.85, 0.2, 0.15))}),
     "metal_mesh": _Category(_mesh_sample, _mesh_draw, {
         "broken_wire": _structural(_mesh_cut), "bent_wire": _structural(_mesh_bend),
-        "contamination": _surface(_spot, radius=(1.5, 4.5), colour=(0.55, 0.45, 0.3), strength=(0.4, 0.9), rim=0.0)},
+        "contamination": _surface(_spot, radius=(2.5, 6), colour=(0.55, 0.45, 0.3), strength=(0.4, 0.9), rim=0.0)},
         gray=True),
     "screw": _Category(_screw_sample, _screw_draw, {
         "missing_tip": _structural(_screw_missing_tip), "worn_thread": _structural(_screw_worn_thread),
-        "scratch": _surface(_scratch, length=(6, 25))}, gray=True),
+        "scratch": _surface(_scratch, width=(0.6, 1.5), length=(8, 25), strength=(0.35, 0.8))}, gray=True),
     "hex_nut": _Category(_nut_sample, _nut_draw, {
-        "chip": _structural(_nut_chip), "crack": _surface(_crack, length=(8, 30)),
-        "rust": _surface(_stain, tint=(0.8, 0.45, 0.25), radius=(3, 12))}),
+        "chip": _structural(_nut_chip), "crack": _surface(_crack, length=(8, 30), strength=(0.25, 0.7)),
+        "rust": _surface(_stain, tint=(0.8, 0.45, 0.25), radius=(3, 12), strength=(0.15, 0.6))}),
     "pill": _Category(_pill_sample, _pill_draw, {
         "chip": _structural(_pill_chip), "crack": _surface(_crack, length=(10, 40)),
         "contamination": _surface(_spot, radius=(1, 4), colour=(0.3, 0.25, 0.45), strength=(0.3, 0.9), rim=0.0)}),
     "coin": _Category(_coin_sample, _coin_draw, {
-        "scratch": _surface(_scratch, length=(10, 40)), "tarnish": _surface(_stain, tint=(0.55, 0.55, 0.55), radius=(4, 14))},
+        "scratch": _surface(_scratch, length=(10, 40), strength=(0.3, 0.8)),
+        "tarnish": _surface(_stain, tint=(0.55, 0.55, 0.55), radius=(4, 14), strength=(0.4, 0.9))},
         gray=True),
     "coffee_cup": _Category(*_photo_object("coffee", (300, 190), 10, 2.4, 0.1, 58), {
         "crack": _surface(_crack), "stain": _surface(_stain, tint=(0.55, 0.45, 0.35)),
@@ -551,7 +553,7 @@ _CATEGORIES = {
         "broken_trace": _structural(_pcb_cut)}),
     "printed_text": _texture(_photo_texture("page", 0.8, 0.03, *_GRAY, flip=False), {
         "smudge": _surface(_stain, tint=(0.45, 0.45, 0.45), radius=(3, 12), strength=(0.2, 0.7)),
-        "missing_print": _surface(_erase_print), "scratch": _surface(_scratch)}, gray=True),
+        "missing_print": _surface(_erase_print), "scratch": _surface(_scratch, strength=(0.25, 0.7))}, gray=True),
 }
 EMBEDDED_CATEGORIES = tuple(sorted(_CATEGORIES))
 
@@ -611,6 +613,11 @@ def _read_marker(out):
         return None
 
 
+def _is_complete(out, wanted):
+    marker = _read_marker(out)
+    return marker is not None and all(marker.get(key) == value for key, value in wanted.items())
+
+
 def _remove_stale_builds(out):
     """Delete <out>.tmp-<pid> folders left by builds whose process no longer exists."""
     for tmp in out.parent.glob(out.name + ".tmp-*"):
@@ -637,10 +644,9 @@ def build_embedded(out: str | Path, seed: int = 0, progress: bool = True,
     if unknown:
         raise ValueError(f"unknown embedded categories {unknown}; choose from {list(EMBEDDED_CATEGORIES)}")
     wanted = {"format_version": FORMAT_VERSION, "seed": seed, "categories": names}
-    marker = _read_marker(out)
-    if marker is not None and all(marker.get(k) == v for k, v in wanted.items()):
+    if _is_complete(out, wanted):
         return out
-    if out.exists() and marker is None and any(out.iterdir()):
+    if out.exists() and _read_marker(out) is None and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and has no {MARKER} marker, so it was not written by build_embedded; "
                               "delete it or choose another --out")
 
@@ -654,7 +660,10 @@ def build_embedded(out: str | Path, seed: int = 0, progress: bool = True,
         counts = {name: _write_category(tmp, name, seed)
                   for name in tqdm(names, desc="embedded benchmark", unit="category", disable=not progress)}
         (tmp / MARKER).write_text(json.dumps({**wanted, "image_size": SIZE, "counts": counts}, indent=1, sort_keys=True))
-        if out.exists():                # an older build (other seed or version): replace it
+        if _is_complete(out, wanted):   # a concurrent build of the same thing finished first
+            shutil.rmtree(tmp)
+            return out
+        if out.exists():                # an earlier build with another seed, subset or version
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:

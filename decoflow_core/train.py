@@ -154,7 +154,8 @@ def write_results(out: Path, summary: dict) -> dict:
     tasks = summary["tasks"]
     for m in METRICS:
         files.write_text(out / f"matrix_{m}.csv", _matrix_csv(matrices[m], tasks, "after\\tested"))
-    files.write_text(out / "routing_confusion.csv", _matrix_csv(confusion.astype(float), tasks, "true\\routed"))
+    if summary["routing_accuracy"] is not None:  # only routed, task-agnostic runs have a confusion matrix
+        files.write_text(out / "routing_confusion.csv", _matrix_csv(confusion.astype(float), tasks, "true\\routed"))
     files.write_json(out / "metrics.json", summary)
     return summary
 
@@ -209,6 +210,7 @@ def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: 
             for t in tqdm(tasks, desc="features", disable=not progress_bar)]
     progress["seconds"]["features"] = time.perf_counter() - start
     dim = data[0].train["patch"].shape[1]
+    torch.manual_seed(seed)  # the initial weights depend on --seed only, not on what ran before in this process
     learner = make_learner(method, config, dim, device)
     if progress["resume_file"]:
         learner.load_state_dict(torch.load(out / "checkpoints" / progress["resume_file"],

@@ -1,0 +1,62 @@
+"""``python -m decoflow_core bench``: throughput and latency on this machine (numbers, not tests)."""
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from .config import make_config
+from .data import list_categories, load_category
+from .features import extract_features, load_batch
+from .methods import make_learner
+from .train import build_extractor, resolve_device
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def benchmark(*, data: Path, task: str | None, profile: str, sets: dict, n_images: int = 64) -> dict:
+    config = make_config(profile, sets)
+    device = resolve_device(config.device)
+    task = task or list_categories(data)[0]
+    category = load_category(data, task)
+    extractor = build_extractor(config).to(device)
+    paths = category.train[:n_images]
+
+    start = time.perf_counter()
+    train = extract_features(extractor, category.train, image_size=config.image_size, cache_dir=None,
+                             device=device, desc="bench features")
+    extraction = len(category.train) / (time.perf_counter() - start)
+
+    learner = make_learner("decoflow", config, train["patch"].shape[1], device)
+    start = time.perf_counter()
+    learner.learn(task, train, seed=0)
+    train_seconds = time.perf_counter() - start
+
+    backbone_ms, flow_ms = [], []
+    for path in paths[:16]:
+        start = time.perf_counter()
+        patch, pooled = extractor(load_batch([path], config.image_size).to(device))
+        middle = time.perf_counter()
+        routed = learner.route(pooled.cpu())[0]
+        learner.patch_nll(routed, patch.cpu())
+        end = time.perf_counter()
+        backbone_ms.append(1000 * (middle - start))
+        flow_ms.append(1000 * (end - middle))
+    result = {
+        "profile": profile, "device": device, "threads": torch.get_num_threads(), "task": task,
+        "feature_extraction_images_per_s": extraction,
+        "train_seconds_per_task": train_seconds, "train_images": len(category.train), "epochs": config.epochs,
+        "inference_ms_backbone": sum(backbone_ms) / len(backbone_ms),
+        "inference_ms_flow_and_router": sum(flow_ms) / len(flow_ms),
+        "peak_memory_mib": _peak_rss_mib(),
+    }
+    if device == "cuda":
+        result["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    width = max(map(len, result))
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value:.2f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    return result

