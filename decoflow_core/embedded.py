@@ -27,7 +27,7 @@ from scipy.spatial import cKDTree
 
 SIZE = 128                       # images are SIZE x SIZE; 128 keeps the full build under 60 MB
 N_TRAIN, N_TEST_GOOD, N_PER_DEFECT = 150, 30, 15
-FORMAT_VERSION = 1               # bump whenever a change alters the bytes written
+FORMAT_VERSION = 2               # bump whenever a change alters the bytes written
 MARKER = ".complete"
 MIN_DEFECT_PIXELS = 4            # a defect smaller than this is redrawn elsewhere
 
@@ -201,7 +201,7 @@ def _coins():
 
 def _coin_sample(rng):
     x, y, r = _coins()[rng.integers(len(_coins()))]
-    return dict(cx=x + rng.uniform(-2, 2), cy=y + rng.uniform(-2, 2), r=r, angle=rng.uniform(0, 2 * np.pi))
+    return dict(cx=x + rng.uniform(-2, 2), cy=y + rng.uniform(-2, 2), r=r, angle=rng.uniform(-0.35, 0.35))
 
 
 def _coin_draw(p):
@@ -211,9 +211,9 @@ def _coin_draw(p):
 
 
 def _screw_sample(rng):
-    return dict(cx=rng.uniform(54, 74), cy=rng.uniform(54, 74), angle=rng.uniform(0, 2 * np.pi),
-                length=rng.uniform(42, 46), radius=rng.uniform(4.3, 4.7), head=rng.uniform(10.5, 11.5),
-                pitch=rng.uniform(3.1, 3.3), phase=rng.uniform(0, 2 * np.pi), slot=rng.uniform(0, np.pi),
+    return dict(cx=rng.uniform(58, 70), cy=rng.uniform(58, 70), angle=rng.uniform(0, 2 * np.pi),
+                length=rng.uniform(53, 57), radius=rng.uniform(5.4, 5.8), head=rng.uniform(13.2, 14.2),
+                pitch=rng.uniform(3.8, 4.1), phase=rng.uniform(0, 2 * np.pi), slot=rng.uniform(0, np.pi),
                 bg=rng.uniform(0.7, 0.78), tip_cut=0.0, worn=None)
 
 
@@ -221,15 +221,17 @@ def _screw_draw(p):
     u, v = _frame(p["cx"], p["cy"], p["angle"])
     half_len, r, head_r = p["length"] / 2, p["radius"], p["head"]
     head_u = -half_len - 0.5 * head_r
-    width = np.where(u < half_len, r, r * np.clip((half_len + 10 - u) / 10, 0, 1))      # 10 px tip
-    shaft_sd = np.maximum.reduce([np.abs(v) - width, u - (half_len + 10 - p["tip_cut"]), head_u - u])
+    width = np.where(u < half_len, r, r * np.clip((half_len + 12 - u) / 12, 0, 1))      # 12 px tip
+    shaft_sd = np.maximum.reduce([np.abs(v) - width, u - (half_len + 12 - p["tip_cut"]), head_u - u])
     thread = 0.5 + 0.5 * np.sin(2 * np.pi * (u + 0.4 * v) / p["pitch"] + p["phase"])
     if p["worn"] is not None:
         thread = np.where((u > p["worn"][0]) & (u < p["worn"][1]), 0.85, thread)
     shaft = 0.18 + 0.5 * np.sqrt(np.clip(1 - (v / r) ** 2, 0, 1)) * (0.45 + 0.55 * thread)
     rho = np.hypot(u - head_u, v)
-    su, sv = (u - head_u) * np.cos(p["slot"]) + v * np.sin(p["slot"]), -(u - head_u) * np.sin(p["slot"]) + v * np.cos(p["slot"])
-    head = (0.3 + 0.45 * np.sqrt(np.clip(1 - (rho / head_r) ** 2, 0, 1))) * (1 - 0.7 * _cover(_box(su, sv, 0.75 * head_r, 1.3)))
+    c, s = np.cos(p["angle"]), np.sin(p["angle"])
+    su, sv = _frame(p["cx"] + head_u * c, p["cy"] + head_u * s, p["angle"] + p["slot"])
+    slot = _cover(_box(su, sv, 0.75 * head_r, 1.3))
+    head = (0.3 + 0.45 * np.sqrt(np.clip(1 - (rho / head_r) ** 2, 0, 1))) * (1 - 0.7 * slot)
     c_shaft, c_head = _cover(shaft_sd), _cover(rho - head_r)
     body = np.maximum(c_shaft, c_head)
     gray = p["bg"] * (1 - 0.3 * ndimage.gaussian_filter(np.roll(body, (2, 2), (0, 1)), 2.5))
@@ -239,17 +241,18 @@ def _screw_draw(p):
 
 
 def _screw_missing_tip(p, rng):
-    return {**p, "tip_cut": rng.uniform(6, 18)}
+    return {**p, "tip_cut": rng.uniform(8, 22)}
 
 
 def _screw_worn_thread(p, rng):
     start = rng.uniform(-p["length"] / 2, p["length"] / 2 - 3)
-    return {**p, "worn": (start, start + rng.uniform(4, 12))}
+    return {**p, "worn": (start, start + rng.uniform(5, 14))}
 
 
 def _nut_sample(rng):
     return dict(cx=rng.uniform(58, 70), cy=rng.uniform(58, 70), angle=rng.uniform(0, np.pi / 3),
-                apothem=rng.uniform(33, 35), colour=np.array((0.8, 0.64, 0.32)) * rng.uniform(0.95, 1.05), chip=None)
+                apothem=rng.uniform(33, 35), colour=np.array((0.8, 0.64, 0.32)) * rng.uniform(0.95, 1.05),
+                chip=None)
 
 
 def _nut_draw(p):
@@ -309,8 +312,8 @@ def _pill_chip(p, rng):
 
 
 def _mesh_sample(rng):
-    return dict(seed=int(rng.integers(2**31)), angle=np.pi / 4 + rng.uniform(-0.03, 0.03), period=rng.uniform(10.6, 11.4),
-                phases=rng.uniform(0, 11, 2), cut=None, bend=None)
+    return dict(seed=int(rng.integers(2**31)), angle=np.pi / 4 + rng.uniform(-0.03, 0.03),
+                period=rng.uniform(10.6, 11.4), phases=rng.uniform(0, 11, 2), cut=None, bend=None)
 
 
 def _mesh_draw(p):
@@ -346,7 +349,8 @@ def _mesh_cut(p, rng):
 
 
 def _mesh_bend(p, rng):
-    return {**p, "bend": (*rng.uniform(20, SIZE - 20, 2), rng.uniform(3, 7), rng.uniform(1.2, 3.5) * rng.choice((-1, 1)))}
+    centre, sigma = rng.uniform(20, SIZE - 20, 2), rng.uniform(3, 7)
+    return {**p, "bend": (*centre, sigma, rng.uniform(1.2, 3.5) * rng.choice((-1, 1)))}
 
 
 # Hand-placed circuit board: (kind, x, y, half-width, half-height) in pixels, traces as polylines.
@@ -355,8 +359,9 @@ _PCB_PARTS = (("chip", 42, 44, 16, 10), ("chip", 90, 90, 11, 11), ("resistor", 9
               ("capacitor", 66, 64, 4, 3), ("capacitor", 16, 60, 3, 4))
 _PCB_TRACES = (((58, 38), (80, 38), (80, 30), (86, 30)), ((58, 50), (72, 50), (72, 46), (86, 46)),
                ((36, 56), (36, 72), (28, 72), (28, 86)), ((48, 56), (48, 94), (44, 94)),
-               ((62, 64), (50, 64), (50, 56)), ((70, 64), (84, 64), (84, 79)), ((98, 30), (116, 30), (116, 90), (101, 90)),
-               ((16, 56), (16, 40), (26, 40)), ((16, 64), (16, 110), (28, 110), (28, 98)), ((98, 46), (106, 46), (106, 79)))
+               ((62, 64), (50, 64), (50, 56)), ((70, 64), (84, 64), (84, 79)),
+               ((98, 30), (116, 30), (116, 90), (101, 90)), ((16, 56), (16, 40), (26, 40)),
+               ((16, 64), (16, 110), (28, 110), (28, 98)), ((98, 46), (106, 46), (106, 79)))
 
 
 @lru_cache(maxsize=64)
@@ -432,7 +437,8 @@ def _place(fg, rng, margin=8):
 def _scratch(img, fg, rng, width=(0.4, 1.5), length=(10, 55), strength=(0.15, 0.6), colour=None, jagged=0.08):
     """A thin curve (scratch) or, with large `jagged`, a zig-zag one (crack); dark or bright."""
     x, y = _place(fg, rng)
-    turns = rng.uniform(0, 2 * np.pi) + rng.uniform(-0.5, 0.5) * np.linspace(0, 1, 14) + np.cumsum(rng.normal(0, jagged, 14))
+    heading, bend = rng.uniform(0, 2 * np.pi), rng.uniform(-0.5, 0.5)
+    turns = heading + bend * np.linspace(0, 1, 14) + np.cumsum(rng.normal(0, jagged, 14))
     steps = np.stack([np.cos(turns), np.sin(turns)], 1) * rng.uniform(*length) / 14
     points = np.vstack([[x, y], [x, y] + np.cumsum(steps, 0)])
     alpha = np.clip(rng.uniform(*width) + 0.5 - _polyline_distance(points), 0, 1) * fg
@@ -455,12 +461,13 @@ def _spot(img, fg, rng, radius=(2, 9), colour=(0.03, 0.03, 0.03), strength=(0.6,
     return _mix(img, colour, alpha * rng.uniform(*strength)), alpha > 0.5
 
 
-def _stain(img, fg, rng, tint=(0.75, 0.6, 0.45), radius=(4, 18), strength=(0.2, 0.8)):
-    """A soft-edged blob that multiplies the colour by `tint` (liquid, rust, dry grass)."""
+def _stain(img, fg, rng, tint=(0.75, 0.6, 0.45), radius=(4, 18), strength=(0.2, 0.8), blur=0.0):
+    """A soft-edged blob that multiplies the colour by `tint` (liquid, rust, dry grass); with `blur`
+    it also smooths the texture underneath, as oil filling the gaps between stones does."""
     x, y = _place(fg, rng)
     alpha = np.clip(0.5 - _blob(rng, x, y, rng.uniform(*radius)) / rng.uniform(1.5, 4), 0, 1) * fg
-    shift = 1 + alpha[..., None] * rng.uniform(*strength) * (np.asarray(tint, np.float32) - 1)
-    return img * shift, alpha > 0.5
+    under = ndimage.gaussian_filter(img, (blur, blur, 0)) if blur else img
+    return _mix(img, under * np.asarray(tint, np.float32), alpha * rng.uniform(*strength)), alpha > 0.5
 
 
 def _foreign_patch(img, fg, rng, donor, radius=(5, 16)):
@@ -481,6 +488,15 @@ def _erase_print(img, fg, rng):
     return erased, ndimage.binary_dilation(np.abs(erased - img).max(-1) > 0.08)
 
 
+def _double_print(img, fg, rng):
+    """Ghosting: a patch of text printed a second time a few pixels off."""
+    shifted = np.roll(img, rng.integers(2, 5, 2) * rng.choice((-1, 1), 2), (0, 1))
+    u, v = _frame(*_place(fg, rng), rng.uniform(-0.1, 0.1))
+    alpha = _cover(_box(u, v, rng.uniform(8, 20), rng.uniform(5, 10))) * rng.uniform(0.4, 0.9)
+    ghosted = _mix(img, np.minimum(img, shifted), alpha)
+    return ghosted, ndimage.binary_dilation(np.abs(ghosted - img).max(-1) > 0.08)
+
+
 def _surface(fn, **kw):
     return lambda cat, params, img, fg, rng: fn(img, fg, rng, **kw)
 
@@ -497,44 +513,42 @@ def _structural(modify):
 class _Category:
     sample: Callable
     draw: Callable
-    defects: dict                     # defect name -> fn(category, params, image, foreground, rng) -> (image, mask)
+    defects: dict                     # name -> fn(category, params, image, foreground, rng) -> (image, mask)
     gray: bool = False                # stored as 8-bit L, like MVTec's grid, screw and zipper
-
-
-def _texture(pair, defects, gray=False):
-    return _Category(pair[0], pair[1], defects, gray)
 
 
 _GRAY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 _CATEGORIES = {
-    "brick_wall": _texture(_photo_texture("brick", 1.0, 0.05, (0.25, 0.08, 0.05), (0.95, 0.55, 0.42)), {
+    "brick_wall": _Category(*_photo_texture("brick", 1.0, 0.05, (0.25, 0.08, 0.05), (0.95, 0.55, 0.42)), {
         "crack": _surface(_crack), "hole": _surface(_spot),
         "stain": _surface(_stain, tint=(1.25, 1.25, 1.35), strength=(0.15, 0.7))}),
-    "stone_wall": _texture(_photo_texture("brick", 1.8, 0.05, *_GRAY, gamma=1.4), {
+    "stone_wall": _Category(*_photo_texture("brick", 1.8, 0.05, *_GRAY, gamma=1.4), {
         "crack": _surface(_crack, width=(0.3, 0.9), strength=(0.2, 0.6)),
         "foreign_patch": _surface(_foreign_patch, donor="grass", radius=(4, 10))}, gray=True),
-    "grass": _texture(_photo_texture("grass", 1.0, np.pi, (0.05, 0.14, 0.03), (0.58, 0.86, 0.36)), {
+    "grass": _Category(*_photo_texture("grass", 1.0, np.pi, (0.05, 0.14, 0.03), (0.58, 0.86, 0.36)), {
         "dry_patch": _surface(_stain, tint=(1.6, 1.1, 0.6), radius=(6, 22), strength=(0.4, 0.9)),
         "foreign_patch": _surface(_foreign_patch, donor="gravel")}),
-    "gravel": _texture(_photo_texture("gravel", 1.0, np.pi, *_GRAY), {
-        "hole": _surface(_spot, radius=(3, 10)), "oil_stain": _surface(_stain, tint=(0.5, 0.5, 0.5), strength=(0.35, 0.85)),
-        "foreign_patch": _surface(_foreign_patch, donor="grass")}, gray=True),
-    "sand": _texture(_photo_texture("gravel", 2.0, np.pi, (0.45, 0.36, 0.22), (0.98, 0.9, 0.72)), {
+    "gravel": _Category(*_photo_texture("gravel", 1.0, np.pi, *_GRAY), {
+        "hole": _surface(_spot, radius=(3, 10)),
+        "oil_stain": _surface(_stain, tint=(0.3, 0.3, 0.3), radius=(8, 20), strength=(0.7, 0.95), blur=4.0),
+        "foreign_patch": _surface(_foreign_patch, donor="wood")}, gray=True),
+    "sand": _Category(*_photo_texture("gravel", 2.0, np.pi, (0.45, 0.36, 0.22), (0.98, 0.9, 0.72)), {
         "wet_spot": _surface(_stain, tint=(0.6, 0.55, 0.5), strength=(0.4, 0.9)),
         "foreign_patch": _surface(_foreign_patch, donor="gravel")}),
     "wood": _Category(_wood_sample, _wood_draw, {
         "scratch": _surface(_scratch), "hole": _surface(_spot, radius=(1.5, 6)),
-        "stain": _surface(_stain, tint=(0.6, 0.65, 0.8), radius=(5, 18), strength=(0.4, 0.9))}),
+        "stain": _surface(_stain, tint=(0.45, 0.55, 0.75), radius=(6, 20), strength=(0.4, 0.9))}),
     "carpet": _Category(_carpet_sample, _carpet_draw, {
         "hole": _surface(_spot, radius=(2, 8)), "stain": _surface(_stain, tint=(1.3, 0.9, 0.6)),
-        "thread": _surface(_scratch, width=(0.5, 1.2), length=(20, 60), strength=(0.5, 0.9), colour=(0.85, 0.2, 0.15))}),
+        "thread": _surface(_scratch, width=(0.5, 1.2), length=(20, 60), strength=(0.5, 0.9),
+                           colour=(0.85, 0.2, 0.15))}),
     "metal_mesh": _Category(_mesh_sample, _mesh_draw, {
         "broken_wire": _structural(_mesh_cut), "bent_wire": _structural(_mesh_bend),
         "contamination": _surface(_spot, radius=(2.5, 6), colour=(0.55, 0.45, 0.3), strength=(0.4, 0.9), rim=0.0)},
         gray=True),
     "screw": _Category(_screw_sample, _screw_draw, {
         "missing_tip": _structural(_screw_missing_tip), "worn_thread": _structural(_screw_worn_thread),
-        "scratch": _surface(_scratch, width=(0.6, 1.5), length=(8, 25), strength=(0.35, 0.8))}, gray=True),
+        "scratch": _surface(_scratch, width=(0.8, 1.6), length=(8, 25), strength=(0.5, 0.9))}, gray=True),
     "hex_nut": _Category(_nut_sample, _nut_draw, {
         "chip": _structural(_nut_chip), "crack": _surface(_crack, length=(8, 30), strength=(0.25, 0.7)),
         "rust": _surface(_stain, tint=(0.8, 0.45, 0.25), radius=(3, 12), strength=(0.15, 0.6))}),
@@ -542,8 +556,9 @@ _CATEGORIES = {
         "chip": _structural(_pill_chip), "crack": _surface(_crack, length=(10, 40)),
         "contamination": _surface(_spot, radius=(1, 4), colour=(0.3, 0.25, 0.45), strength=(0.3, 0.9), rim=0.0)}),
     "coin": _Category(_coin_sample, _coin_draw, {
-        "scratch": _surface(_scratch, length=(10, 40), strength=(0.3, 0.8)),
-        "tarnish": _surface(_stain, tint=(0.55, 0.55, 0.55), radius=(4, 14), strength=(0.4, 0.9))},
+        "scratch": _surface(_scratch, width=(0.8, 1.8), length=(10, 40), strength=(0.5, 0.95),
+                            colour=(1.0, 1.0, 1.0)),
+        "tarnish": _surface(_stain, tint=(0.4, 0.4, 0.4), radius=(5, 16), strength=(0.5, 0.95))},
         gray=True),
     "coffee_cup": _Category(*_photo_object("coffee", (300, 190), 10, 2.4, 0.1, 58), {
         "crack": _surface(_crack), "stain": _surface(_stain, tint=(0.55, 0.45, 0.35)),
@@ -551,9 +566,10 @@ _CATEGORIES = {
     "circuit_board": _Category(_pcb_sample, _pcb_draw, {
         "missing_part": _structural(_pcb_missing), "misplaced_part": _structural(_pcb_moved),
         "broken_trace": _structural(_pcb_cut)}),
-    "printed_text": _texture(_photo_texture("page", 0.8, 0.03, *_GRAY, flip=False), {
+    "printed_text": _Category(*_photo_object("page", (200, 92), 6, 0.8, 0.03, SIZE), {
         "smudge": _surface(_stain, tint=(0.45, 0.45, 0.45), radius=(3, 12), strength=(0.2, 0.7)),
-        "missing_print": _surface(_erase_print), "scratch": _surface(_scratch, strength=(0.25, 0.7))}, gray=True),
+        "double_print": _surface(_double_print), "missing_print": _surface(_erase_print),
+        "scratch": _surface(_scratch, length=(15, 55), strength=(0.4, 0.8))}, gray=True),
 }
 EMBEDDED_CATEGORIES = tuple(sorted(_CATEGORIES))
 
@@ -586,7 +602,7 @@ def _finish(img, gray, rng):
 
 def _save_png(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, format="PNG", compress_level=6)   # no metadata, so bytes are reproducible
+    Image.fromarray(array).save(path, format="PNG", compress_level=3)   # no metadata: bytes reproducible
 
 
 def _write_category(root, name, seed):
@@ -659,7 +675,8 @@ def build_embedded(out: str | Path, seed: int = 0, progress: bool = True,
 
         counts = {name: _write_category(tmp, name, seed)
                   for name in tqdm(names, desc="embedded benchmark", unit="category", disable=not progress)}
-        (tmp / MARKER).write_text(json.dumps({**wanted, "image_size": SIZE, "counts": counts}, indent=1, sort_keys=True))
+        record = {**wanted, "image_size": SIZE, "counts": counts}
+        (tmp / MARKER).write_text(json.dumps(record, indent=1, sort_keys=True))
         if _is_complete(out, wanted):   # a concurrent build of the same thing finished first
             shutil.rmtree(tmp)
             return out

@@ -29,6 +29,7 @@ from .metrics import backward_transfer, forgetting, image_auroc, pixel_auroc_ap
 from .scoring import anomaly_map, image_score
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
+REPO = Path(__file__).resolve().parents[1]
 
 
 class RunError(ValueError):
@@ -58,7 +59,10 @@ def build_extractor(config: Config) -> FeatureExtractor:
 
 def load_task(root: Path, name: str, extractor: FeatureExtractor, config: Config, device: str) -> TaskData:
     category = load_category(root, name)
-    common = dict(image_size=config.image_size, cache_dir=config.feature_cache, device=device)
+    cache = config.feature_cache
+    if cache and not Path(cache).is_absolute():
+        cache = REPO / cache  # the kit's data/cache from any working directory (papermill runs in notebooks/)
+    common = dict(image_size=config.image_size, cache_dir=cache, device=device)
     train = extract_features(extractor, category.train, desc=f"{name} train", **common)
     test = extract_features(extractor, [s.path for s in category.test], desc=f"{name} test", **common)
     labels = np.array([s.label for s in category.test])

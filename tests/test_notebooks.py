@@ -1,0 +1,222 @@
+"""The numbered notebooks: committed clean, and run end to end in QUICK mode asserting on what they record.
+
+Every notebook is executed once per session with papermill (QUICK=True, the first three embedded
+categories, a temporary RUN_ROOT, one torch thread), in order, so the later ones reuse the runs of
+02_sequential_training as they do in ``make reproduce``. Each then has its own test reading the JSON
+record ``RUN_ROOT/notebook_results/<name>.json``.
+"""
+from __future__ import annotations
+
+import ast
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+REQUIRED_PARAMETERS = {"DATA", "TASKS", "PROFILE", "SEEDS", "QUICK", "RUN_ROOT"}
+EXPECTED = ["00_data_and_protocol", "01_feature_extraction", "02_sequential_training", "03_forgetting_heatmaps",
+            "04_svd_delta_w", "05_tal_gradients", "06_routing_confusion"]
+
+
+def test_every_planned_notebook_is_committed():
+    assert [nb.stem for nb in NOTEBOOKS] == EXPECTED
+
+
+# ----------------------------------------------------------------------------- committed sources
+
+
+def parameter_cells(notebook) -> list:
+    return [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_has_no_outputs_and_one_literal_parameters_cell(path):
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} holds outputs"
+    assert notebook.cells[0].cell_type == "markdown" and notebook.cells[0].source.startswith(f"# {path.stem[:2]} ")
+    cells = parameter_cells(notebook)
+    assert len(cells) == 1, f"{path.name}: {len(cells)} cells tagged 'parameters'"
+    assert notebook.cells.index(cells[0]) == 1, "the parameters cell follows the title"
+    names = []
+    for line in cells[0].source.splitlines():
+        code_part, hash_sign, comment = line.partition("  #")
+        assert hash_sign and comment.strip(), f"{path.name}: parameter line without a comment: {line!r}"
+        statement = ast.parse(code_part).body
+        assert len(statement) == 1 and isinstance(statement[0], ast.Assign), line
+        target = statement[0].targets[0]
+        assert isinstance(target, ast.Name) and target.id.isupper(), line
+        ast.literal_eval(statement[0].value)  # literals only
+        names.append(target.id)
+    assert REQUIRED_PARAMETERS <= set(names), f"{path.name} lacks {REQUIRED_PARAMETERS - set(names)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter(path):
+    from papermill.translators import PythonTranslator
+    cell = parameter_cells(nbformat.read(path, as_version=4))[0]
+    lines = [line for line in cell.source.splitlines() if line.strip()]
+    assert [p.name for p in PythonTranslator.inspect(cell)] == [line.split("=")[0].strip() for line in lines]
+
+
+def test_notebooks_are_what_the_generator_writes(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("build_notebooks", NOTEBOOK_DIR / "build_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for built in module.build(tmp_path):
+        assert built.read_text() == (NOTEBOOK_DIR / built.name).read_text(), \
+            f"{built.name} differs from build_notebooks.py: run .venv/bin/python notebooks/build_notebooks.py"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_code_is_thin(path):
+    """No def/class longer than a few lines: reusable logic belongs in decoflow_core."""
+    for c in nbformat.read(path, as_version=4).cells:
+        if c.cell_type != "code":
+            continue
+        for node in ast.walk(ast.parse(c.source)):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                assert node.end_lineno - node.lineno < 5, f"{path.name}: {node.name} is too long for a notebook"
+
+
+# ----------------------------------------------------------------------------- executed in QUICK mode
+
+
+@pytest.fixture(scope="session")
+def executed(tmp_path_factory):
+    """{notebook name: (JSON record or None, error or None, seconds)} after running all notebooks."""
+    import papermill as pm
+    from decoflow_core.embedded import EMBEDDED_CATEGORIES
+    run_root = tmp_path_factory.mktemp("notebook_runs")
+    out_dir = tmp_path_factory.mktemp("executed")
+    params = {"DATA": "embedded", "TASKS": list(EMBEDDED_CATEGORIES[:3]), "PROFILE": "cpu", "SEEDS": [0],
+              "QUICK": True, "RUN_ROOT": str(run_root), "THREADS": 1}
+    results = {}
+    for path in NOTEBOOKS:
+        start, error = time.perf_counter(), None
+        try:
+            pm.execute_notebook(str(path), str(out_dir / path.name), parameters=params, cwd=str(NOTEBOOK_DIR),
+                                kernel_name="python3", progress_bar=False, stdout_file=io.StringIO(),
+                                stderr_file=io.StringIO())
+        except Exception as err:  # noqa: BLE001 -- reported by the notebook's own test
+            error = f"{type(err).__name__}: {err}"
+        record_file = run_root / "notebook_results" / f"{path.stem}.json"
+        record = json.loads(record_file.read_text()) if record_file.exists() else None
+        results[path.stem] = (record, error, time.perf_counter() - start)
+    results["_run_root"] = run_root
+    return results
+
+
+def values(executed, name: str) -> dict:
+    record, error, _ = executed[name]
+    assert error is None, f"{name} failed: {error}"
+    assert record is not None and record["quick"] is True
+    return {k: v["value"] for k, v in record["values"].items()}
+
+
+def is_fraction(value) -> bool:
+    return value is not None and 0.0 <= value <= 1.0
+
+
+def test_quick_mode_writes_figures_and_tables_under_run_root(executed):
+    quick = executed["_run_root"] / "quick"
+    for name in EXPECTED:
+        assert (executed["_run_root"] / "notebook_results" / f"{name}.json").exists(), name
+        assert list((quick / "figures").glob(f"{name[:2]}_*.png")), f"{name} wrote no figure"
+        assert list((quick / "figures").glob(f"{name[:2]}_*.pdf")), f"{name} wrote no PDF"
+    assert list((quick / "results").glob("02_main_table.csv")) and list((quick / "results").glob("02_main_table.md"))
+
+
+def test_00_data_and_protocol(executed):
+    v = values(executed, "00_data_and_protocol")
+    assert v["n_tasks"] == 3
+    assert v["train_images_min"] > 0 and v["test_images_total"] > 0
+    assert 0 < v["defect_share"] < 1
+    assert v["share_with_masks"] == 1.0  # every embedded defect has a mask
+
+
+def test_01_feature_extraction(executed):
+    v = values(executed, "01_feature_extraction")
+    assert v["feature_dim"] == sum(v["stage_channels"]) and v["grid"] == 14
+    assert v["pe_row_channels_constant_along_rows"] == 0.0 and v["pe_abs_max"] <= 1.0
+    assert v["seconds_cached"] < v["seconds_no_cache"]
+    assert is_fraction(v["pca_explained_variance_2d"]) and v["min_task_separation"] > 0
+
+
+def test_02_sequential_training(executed):
+    v = values(executed, "02_sequential_training")
+    methods = ["decoflow", "finetune", "ewc", "replay", "joint", "independent", "padim", "decoflow (oracle task id)"]
+    for method in methods:
+        for metric in ("image_auroc", "pixel_auroc", "pixel_ap"):
+            assert is_fraction(v[f"{method}/{metric}"]), (method, metric, v[f"{method}/{metric}"])
+    assert v["decoflow (oracle task id)/fm"] == 0.0 and v["decoflow (oracle task id)/bwt"] == 0.0
+    assert is_fraction(v["decoflow/routing"])
+    if v["decoflow/routing"] == 1.0:  # correct routing at the end means correct routing all along
+        assert v["decoflow/fm"] == 0.0 and v["decoflow/bwt"] == 0.0
+        assert v["decoflow/image_auroc"] == v["decoflow (oracle task id)/image_auroc"]
+    for method in ("joint", "padim"):  # not continual: no forgetting is defined
+        assert v[f"{method}/fm"] is None
+    assert 0 < v["decoflow/params_per_task"] < v["decoflow/params_base"] + v["decoflow/params_per_task"]
+    assert is_fraction(v["gallery_routed_correctly"])
+
+
+def test_03_forgetting_heatmaps(executed):
+    v = values(executed, "03_forgetting_heatmaps")
+    assert all(is_fraction(x) for x in v["R_values"]) and len(v["R_values"]) == 2 * (3 * 4 // 2)
+    assert v["decoflow (oracle task id)/fm_image_auroc"] == 0.0
+    curve = v["DeCoFlow/first_task_curve"]
+    if v["decoflow/routing_accuracy"] == 1.0:
+        assert v["decoflow/fm_image_auroc"] == 0.0 and len(set(curve)) == 1 and v["DeCoFlow/first_task_retained"] == 1.0
+    assert len(v["finetune/first_task_curve"]) == 3 and v["finetune/fm_image_auroc"] is not None
+    # the two summaries of 02 and 03 come from the same runs
+    assert v["finetune/fm_image_auroc"] == values(executed, "02_sequential_training")["finetune/fm"]
+
+
+def test_04_svd_delta_w(executed):
+    v = values(executed, "04_svd_delta_w")
+    curve = v["mean_energy_curve"]
+    assert all(is_fraction(x) for x in curve) and math.isclose(curve[-1], 1.0, rel_tol=1e-9)
+    assert all(b >= a - 1e-12 for a, b in zip(curve, curve[1:])), "cumulative energy must not decrease"
+    for key in ("energy_at_64_mean", "energy_at_profile_rank_mean", "energy_at_matched_rank_mean",
+                "random_energy_at_profile_rank_mean"):
+        assert is_fraction(v[key]), key
+    assert v["energy_at_profile_rank_mean"] <= v["energy_at_64_mean"] + 1e-12  # the cpu profile's rank is below 64
+    assert v["top_64_is_full_rank"] == all(r <= 64 for r in v["full_ranks"])
+    assert v["rank_sensitivity/ranks"] == [16, 32]
+    assert all(is_fraction(x) for x in v["rank_sensitivity/image_auroc"])
+    assert v["rank_sensitivity/params_per_task"][0] < v["rank_sensitivity/params_per_task"][1]
+
+
+def test_05_tal_gradients(executed):
+    v = values(executed, "05_tal_gradients")
+    assert is_fraction(v["nll/tail_share"]) and is_fraction(v["tal/tail_share"])
+    assert v["tal/tail_share"] > v["nll/tail_share"], "TAL must move gradient onto the tail patches"
+    assert math.isclose(v["nll/expected_weight"], 0.02) and math.isclose(v["tal/expected_weight"], 0.3 * 0.02 + 0.7)
+    assert len(v["sensitivity/settings"]) == 2 and all(is_fraction(x) for x in v["sensitivity/image_auroc"])
+
+
+def test_06_routing_confusion(executed):
+    v = values(executed, "06_routing_confusion")
+    for key in ("accuracy/Mahalanobis, Ledoit-Wolf", "accuracy/Mahalanobis, sample covariance", "accuracy/Euclidean"):
+        assert is_fraction(v[key]), key
+    # the notebook's router and the run's router see the same features and must agree exactly
+    assert v["kit_router_accuracy"] == v["run_routing_accuracy"]
+    assert v["kit_router_accuracy"] == v["accuracy/Mahalanobis, Ledoit-Wolf"]
+    assert (v["routing_errors"] == 0) == (v["kit_router_accuracy"] == 1.0)
+
+
+def test_report_notebook_times(executed, capsys):
+    """Not a check: prints each notebook's QUICK runtime (visible with pytest -s)."""
+    with capsys.disabled():
+        for name in EXPECTED:
+            print(f"\n{name}: {executed[name][2]:.0f} s", end="")
+        print()
