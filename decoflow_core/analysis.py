@@ -8,7 +8,6 @@ item; their docstrings say which.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from .experiments import ensure_run, load_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK_TASKS = 3
+# sensitivity sweeps (rank, TAL) run on the first tasks only, except with PROFILE=paper
+SENSITIVITY_TASKS = 5
 # QUICK changes sizes only, never the code path: one epoch, a shallower flow, the embedded images'
 # own 128 px, and pixel metrics at 64 x 64.
 QUICK_SETS = {"epochs": 1, "n_dcs": 2, "n_acl": 1, "image_size": 128, "eval_size": 64}
@@ -76,17 +77,21 @@ class Context:
     def config(self, **changes) -> Config:
         return make_config(self.profile, {k: str(v) for k, v in self.sets(**changes).items()})
 
-    def run(self, method: str, seed: int | None = None, **changes) -> Path:
-        """The run directory of ``method`` on the stream, trained now only if no notebook did it yet."""
+    @property
+    def sensitivity_stream(self) -> list[str]:
+        """The stream of the sensitivity sweeps: the first SENSITIVITY_TASKS tasks unless PROFILE=paper."""
+        return self.tasks if self.profile == "paper" else self.tasks[:SENSITIVITY_TASKS]
+
+    def run(self, method: str, seed: int | None = None, *, stream: list[str] | None = None, **changes) -> Path:
+        """The run directory of ``method`` on ``stream`` (default: the notebook's task stream), trained
+        now only if no notebook did it yet."""
         seed = self.seeds[0] if seed is None else seed
-        tag = None
-        if self.quick or self.tasks != task_stream(self.tasks_available(), None, False):
-            digest = hashlib.sha1(",".join(self.tasks).encode()).hexdigest()[:6]
-            tag = f"{method}-{len(self.tasks)}tasks-{digest}"  # run names do not hold the task list
-        out = ensure_run(self.run_root, method, data=self.data_spec, tasks=self.tasks, profile=self.profile,
-                         seed=seed, sets=self.sets(**changes), tag=tag)
-        if load_metrics(out)["tasks"] != self.tasks:
-            raise RuntimeError(f"{out} holds a run on other tasks than {self.tasks}; delete it or use another RUN_ROOT")
+        stream = list(stream or self.tasks)
+        default_stream = stream == task_stream(self.tasks_available(), None, False)
+        out = ensure_run(self.run_root, method, data=self.data_spec, tasks=None if default_stream else stream,
+                         profile=self.profile, seed=seed, sets=self.sets(**changes))
+        if load_metrics(out)["tasks"] != stream:
+            raise RuntimeError(f"{out} holds a run on other tasks than {stream}; delete it or use another RUN_ROOT")
         return out
 
     def tasks_available(self) -> list[str]:

@@ -16,10 +16,14 @@ from .config import make_config
 from .train import METRICS, run
 
 
-def run_name(method: str, profile: str, seed: int, sets: dict | None, tag: str | None) -> str:
+def run_name(method: str, profile: str, seed: int, sets: dict | None, tag: str | None,
+             tasks: list[str] | None = None) -> str:
+    """``<method>-<profile>-s<seed>``, plus a hash of the overrides and of an explicit task list."""
     suffix = ""
     if sets:
-        suffix = "-" + hashlib.sha1(json.dumps(sets, sort_keys=True).encode()).hexdigest()[:8]
+        suffix += "-" + hashlib.sha1(json.dumps(sets, sort_keys=True).encode()).hexdigest()[:8]
+    if tasks:
+        suffix += f"-{len(tasks)}t" + hashlib.sha1(",".join(tasks).encode()).hexdigest()[:6]
     return f"{tag or method}-{profile}-s{seed}{suffix}"
 
 
@@ -28,14 +32,16 @@ def data_tag(data: str) -> str:
 
 
 def ensure_run(run_root, method: str, *, data: str = "embedded", tasks=None, profile: str = "cpu",
-               seed: int = 0, sets: dict | None = None, tag: str | None = None) -> Path:
+               seed: int = 0, sets: dict | None = None, tag: str | None = None,
+               progress_bar: bool = True) -> Path:
+    """``tasks=None`` means every category alphabetically (the default stream)."""
     from .cli import resolve_data
-    out = Path(run_root) / data_tag(data) / run_name(method, profile, seed, sets, tag)
+    out = Path(run_root) / data_tag(data) / run_name(method, profile, seed, sets, tag, tasks)
     if (out / "metrics.json").exists():
         return out
     config = make_config(profile, {k: str(v) for k, v in (sets or {}).items()})
     run(data_root=resolve_data(data), tasks=tasks, method=method, config=config, seed=seed, out=out,
-        resume=(out / "progress.json").exists())
+        resume=(out / "progress.json").exists(), progress_bar=progress_bar)
     return out
 
 

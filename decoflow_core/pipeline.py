@@ -7,6 +7,7 @@ the cell that failed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
         print("no notebooks in notebooks/ yet: nothing more to run")
         return 0
     import papermill as pm
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the kernels inherit it: no progress-bar noise in executed copies
     params = notebook_parameters(args)
     out_dir = REPO / "runs" / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)

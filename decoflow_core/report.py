@@ -51,7 +51,7 @@ def format_report(run_dirs, per_task: bool = False) -> str:
 
 
 def load_run(run_dir):
-    """(config, extractor, learner) of a run directory, from its config and latest checkpoint."""
+    """(config, extractor, learner, device) of a run directory, from its config and latest checkpoint."""
     from .methods import make_learner
     from .train import build_extractor, resolve_device
     run_dir = Path(run_dir)

@@ -459,12 +459,12 @@ print(("Every base Linear here has full rank <= 64, so 'the top 64 hold 100%' is
     ("md", """
 ## LoRA rank sensitivity (Sec. 4.3.3)
 
-DeCoFlow on the whole stream with each rank; everything else as in 02. The profile's own rank is the
-run 02 already trained.
+DeCoFlow with each rank, everything else as in 02, on the sensitivity stream: the first five tasks in the
+`cpu` profile (to keep `make reproduce` within its time), the whole stream with `PROFILE="paper"`.
 """),
     ("code", """
 ranks = RANKS[:2] if ctx.quick else RANKS
-rank_rows = pd.DataFrame([{"rank": rank, "seed": seed, **analysis.summary_row(load_metrics(ctx.run("decoflow", seed, rank=rank)))}
+rank_rows = pd.DataFrame([{"rank": rank, "seed": seed, **analysis.summary_row(load_metrics(ctx.run("decoflow", seed, stream=ctx.sensitivity_stream, rank=rank)))}
                           for rank in ranks for seed in ctx.seeds])
 by_rank = analysis.seed_table(rank_rows, by="rank")
 ctx.table(by_rank, "04_rank_sensitivity")
@@ -537,12 +537,13 @@ patches, which is the mechanism the paper credits for TAL's gain.
 
 ## λ_tail / top-k sensitivity
 
-DeCoFlow on the stream with each setting; the profile's own setting is the run 02 trained.
+DeCoFlow with each setting on the sensitivity stream (the first five tasks in the `cpu` profile, the
+whole stream with `PROFILE="paper"`).
 """),
     ("code", """
 settings = TAIL_SETTINGS[:2] if ctx.quick else TAIL_SETTINGS
 tail_rows = pd.DataFrame([{"setting": f"λ={lam}, top {k:.0%}", "seed": seed, **analysis.summary_row(load_metrics(
-    ctx.run("decoflow", seed, lambda_tail=lam, top_k=k)))} for lam, k in settings for seed in ctx.seeds])
+    ctx.run("decoflow", seed, stream=ctx.sensitivity_stream, lambda_tail=lam, top_k=k)))} for lam, k in settings for seed in ctx.seeds])
 by_setting = analysis.seed_table(tail_rows, by="setting")
 ctx.table(by_setting, "05_tal_sensitivity")
 fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -42,3 +42,13 @@ def test_auroc_and_pixel_metrics():
     auroc, ap = pixel_auroc_ap(masks, maps)
     assert auroc == 1.0 and ap == 1.0
     assert all(math.isnan(v) for v in pixel_auroc_ap(np.zeros((2, 4, 4), bool), maps))
+
+
+def test_pixel_metrics_equal_sklearn_with_ties():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    rng = np.random.default_rng(0)
+    masks = rng.random((5, 16, 16)) < 0.1
+    maps = np.round(rng.normal(size=(5, 16, 16)) + masks, 1)  # rounding makes many ties
+    auroc, ap = pixel_auroc_ap(masks, maps)
+    assert math.isclose(auroc, roc_auc_score(masks.ravel(), maps.ravel()), rel_tol=1e-12)
+    assert math.isclose(ap, average_precision_score(masks.ravel(), maps.ravel()), rel_tol=1e-12)
