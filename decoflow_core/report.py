@@ -38,8 +38,9 @@ def format_report(run_dirs, per_task: bool = False) -> str:
         if m.get("breaks_no_replay"):
             notes.append(f"{Path(run_dir).name}: replay stores earlier tasks' features: it breaks the no-replay rule.")
         if not m.get("continual", True):
-            notes.append(f"{Path(run_dir).name}: {m['method']} is a reference, not continual "
-                         "(joint sees all tasks at once; padim keeps a model per task and is given the task id).")
+            why = {"joint": "it trains one flow on all tasks at once",
+                   "padim": "it keeps one Gaussian model per task and is given the task id"}.get(m["method"], "")
+            notes.append(f"{Path(run_dir).name}: {m['method']} is a reference, not continual: {why}.")
         if per_task:
             for task, values in m["final"].items():
                 rows.append(["", f"  {task}", "", _fmt(values["image_auroc"]), _fmt(values["pixel_auroc"]),
