@@ -340,9 +340,9 @@ def task_separation(pooled: dict) -> pd.DataFrame:
 def cumulative_energy(delta) -> np.ndarray:
     """Share of ||Delta W||_F^2 in the top r singular values, for r = 1..min(m, n) (ends at 1)."""
     s = np.linalg.svd(np.asarray(delta, dtype=np.float64), compute_uv=False)
-    energy = s ** 2
-    total = energy.sum()
-    return np.cumsum(energy) / total if total > 0 else np.ones_like(energy)
+    cumulative = np.cumsum(s ** 2)
+    # dividing by the last partial sum (not a separate total) makes the curve end at exactly 1.0
+    return cumulative / cumulative[-1] if cumulative[-1] > 0 else np.ones_like(cumulative)
 
 
 def energy_at_rank(delta, rank: int) -> float:
@@ -354,7 +354,8 @@ def energy_at_rank(delta, rank: int) -> float:
 def mean_energy_curve(curves: list) -> np.ndarray:
     """Mean of cumulative-energy curves of different lengths: past its full rank a curve stays at 1."""
     length = max(len(c) for c in curves)
-    return np.mean([np.concatenate([c, np.ones(length - len(c))]) for c in curves], axis=0)
+    mean = np.mean([np.concatenate([c, np.ones(length - len(c))]) for c in curves], axis=0)
+    return np.minimum(mean, 1.0)  # float rounding of the average must not exceed a share of 1
 
 
 def random_energy(shape, rank: int, seed: int = 0) -> float:
