@@ -52,11 +52,11 @@ def extract_features(extractor: FeatureExtractor, paths: list[Path], *, image_si
         patch, pool = extractor(batch)
         patches.append(patch.cpu())
         pooled.append(pool.cpu())
-    result = {"patch": torch.cat(patches), "pooled": torch.cat(pooled)}
+    result = {"patch": torch.cat(patches), "pooled": torch.cat(pooled), "cached": False}
     if cache_file is not None:
-        # half precision halves the cache; features are re-expanded to float32 on load
-        write_torch(cache_file, {"patch": result["patch"].half(), "pooled": result["pooled"],
+        # half precision halves the cache; the first run uses the same rounded values as cached runs
+        result["patch"] = result["patch"].half()
+        write_torch(cache_file, {"patch": result["patch"], "pooled": result["pooled"],
                                  "paths": [str(p) for p in paths]})
-    if cache_file is not None:
-        result["patch"] = result["patch"].half().float()  # same values on first and cached runs
-    return {**result, "cached": False}
+        result["patch"] = result["patch"].float()
+    return result

@@ -136,7 +136,7 @@ def summarise(progress: dict, meta: dict, learner: Learner) -> dict:
     bwt = {m: _nan_to_none(backward_transfer(matrices[m])) if continual else None for m in METRICS}
     confusion = np.zeros((T, T), dtype=int)
     routing = None
-    if learner.uses_router and config_task_agnostic(meta):
+    if learner.uses_router and meta["config"]["task_agnostic"]:
         for j, routed in progress["final_routing"].items():
             for r in routed:
                 confusion[tasks.index(j), tasks.index(r)] += 1
@@ -147,10 +147,6 @@ def summarise(progress: dict, meta: dict, learner: Learner) -> dict:
             "breaks_no_replay": meta["breaks_no_replay"], "continual": continual,
             "backbone": meta["backbone"], "weight_source": meta["weight_source"],
             "_matrices": matrices, "_confusion": confusion}
-
-
-def config_task_agnostic(meta: dict) -> bool:
-    return bool(meta["config"]["task_agnostic"])
 
 
 def write_results(out: Path, summary: dict) -> dict:
