@@ -46,16 +46,23 @@ def profile_sets(profile: str, sets: dict) -> dict:
     return {k: v for k, v in sets.items() if getattr(base, k) != v}
 
 
+def kit_path(path) -> Path:
+    """``path`` as given when absolute, else relative to the kit's folder (where make runs)."""
+    path = Path(path)
+    return path if path.is_absolute() else (REPO / path).resolve()
+
+
 class Context:
     """Parameters of one notebook turned into the things its cells need."""
 
     def __init__(self, name: str, *, data: str, tasks, profile: str, seeds, quick: bool, run_root,
-                 threads: int = 0):
+                 threads: int = 0, workers: int = 1):
         from .cli import resolve_data
         from .data import list_categories
         if threads:
             torch.set_num_threads(threads)  # on a shared CPU, oversubscribed threads cost several times over
         self.name, self.profile, self.quick = name, profile, bool(quick)
+        self.workers = max(1, int(workers))
         self.seeds = list(seeds)
         self.run_root = Path(run_root).resolve()
         data_path = Path(data)
@@ -82,17 +89,31 @@ class Context:
         """The stream of the sensitivity sweeps: the first SENSITIVITY_TASKS tasks unless PROFILE=paper."""
         return self.tasks if self.profile == "paper" else self.tasks[:SENSITIVITY_TASKS]
 
-    def run(self, method: str, seed: int | None = None, *, stream: list[str] | None = None, **changes) -> Path:
-        """The run directory of ``method`` on ``stream`` (default: the notebook's task stream), trained
-        now only if no notebook did it yet."""
+    def _job(self, method: str, seed: int | None = None, *, stream: list[str] | None = None,
+             data: str | None = None, **changes) -> dict:
         seed = self.seeds[0] if seed is None else seed
+        data = data or self.data_spec
         stream = list(stream or self.tasks)
-        default_stream = stream == task_stream(self.tasks_available(), None, False)
-        out = ensure_run(self.run_root, method, data=self.data_spec, tasks=None if default_stream else stream,
-                         profile=self.profile, seed=seed, sets=self.sets(**changes))
-        if load_metrics(out)["tasks"] != stream:
+        default_stream = data == self.data_spec and stream == task_stream(self.tasks_available(), None, False)
+        return dict(method=method, data=data, tasks=None if default_stream else stream, profile=self.profile,
+                    seed=seed, sets=self.sets(**changes))
+
+    def run(self, method: str, seed: int | None = None, *, stream: list[str] | None = None,
+            data: str | None = None, **changes) -> Path:
+        """The run directory of ``method`` on ``stream`` (default: the notebook's task stream) of ``data``
+        (default: the notebook's), trained now only if no notebook did it yet."""
+        job = self._job(method, seed, stream=stream, data=data, **changes)
+        out = ensure_run(self.run_root, **job)
+        stream = list(stream or self.tasks)
+        if job["data"] == self.data_spec and load_metrics(out)["tasks"] != stream:
             raise RuntimeError(f"{out} holds a run on other tasks than {stream}; delete it or use another RUN_ROOT")
         return out
+
+    def prefetch(self, runs: list[tuple]) -> None:
+        """Train the missing runs of [(method, seed, {keyword arguments of ``run``}), ...] in
+        ``self.workers`` parallel processes; the ``run`` calls that follow then find them."""
+        from .experiments import ensure_runs
+        ensure_runs(self.run_root, [self._job(method, seed, **kw) for method, seed, kw in runs], self.workers)
 
     def tasks_available(self) -> list[str]:
         from .data import list_categories
@@ -194,16 +215,38 @@ def seed_table(rows: pd.DataFrame, by: str = "method") -> pd.DataFrame:
     return table.reset_index()
 
 
+ORACLE = " (oracle task id)"
+
+
+def oracle_view(metrics: dict) -> dict:
+    """A routed run's metrics with the scores it recorded for the true task id (``metrics["oracle"]``)
+    in place of the routed ones; routing is then not applicable."""
+    if not metrics.get("oracle"):
+        raise ValueError(f"the {metrics['method']} run has no oracle scores (only routed, task-agnostic runs do)")
+    return {**metrics, **metrics["oracle"], "routing_accuracy": None}
+
+
+def method_metrics(runs: dict) -> dict:
+    """{label: [metrics, ...]} from {method: [run_dir, ...]}; for every routed run also the label
+    "<method> (oracle task id)", the same model scored with the true task id."""
+    out = {}
+    for method, dirs in runs.items():
+        out[method] = [load_metrics(d) for d in dirs]
+        if all(m.get("oracle") for m in out[method]):
+            out[method + ORACLE] = [oracle_view(m) for m in out[method]]
+    return out
+
+
 def per_task_table(runs: dict, metric: str = "image_auroc") -> pd.DataFrame:
     """Final ``metric`` per task (rows, plus "mean") and method (columns), averaged over seeds.
 
-    runs: {method: [run_dir, ...]} with the same task list everywhere.
+    runs: {method: [metrics dict, ...]} (see ``method_metrics``) with the same task list everywhere.
     """
     columns = {}
-    for method, dirs in runs.items():
-        finals = [[load_metrics(d)["final"][t][metric] for t in load_metrics(d)["tasks"]] for d in dirs]
+    for method, seeds in runs.items():
+        finals = [[m["final"][t][metric] for t in m["tasks"]] for m in seeds]
         columns[method] = np.nanmean(np.array(finals, dtype=float), axis=0) if finals else []
-    tasks = load_metrics(next(iter(runs.values()))[0])["tasks"]
+    tasks = next(iter(runs.values()))[0]["tasks"]
     df = pd.DataFrame(columns, index=tasks)
     df.loc["mean"] = df.mean(axis=0)
     return df.rename_axis("task").reset_index()

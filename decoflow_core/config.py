@@ -31,6 +31,7 @@ class Config:
     use_scm: bool = True
     use_acl: bool = True
     use_context: bool = True
+    freeze_base: bool = True  # False: the base keeps training on every task (2x2 ablation, Sec. 4.3.2)
     # objective (Eq. 21)
     lambda_tail: float = 0.7
     top_k: float = 0.02

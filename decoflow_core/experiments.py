@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +34,17 @@ def data_tag(data: str) -> str:
     return "embedded" if data == "embedded" else Path(data).resolve().name
 
 
+def run_dir(run_root, method: str, *, data: str = "embedded", tasks=None, profile: str = "cpu",
+            seed: int = 0, sets: dict | None = None, tag: str | None = None) -> Path:
+    return Path(run_root) / data_tag(data) / run_name(method, profile, seed, sets, tag, tasks)
+
+
 def ensure_run(run_root, method: str, *, data: str = "embedded", tasks=None, profile: str = "cpu",
                seed: int = 0, sets: dict | None = None, tag: str | None = None,
                progress_bar: bool = True) -> Path:
     """``tasks=None`` means every category alphabetically (the default stream)."""
     from .cli import resolve_data
-    out = Path(run_root) / data_tag(data) / run_name(method, profile, seed, sets, tag, tasks)
+    out = run_dir(run_root, method, data=data, tasks=tasks, profile=profile, seed=seed, sets=sets, tag=tag)
     if (out / "metrics.json").exists():
         return out
     config = make_config(profile, {k: str(v) for k, v in (sets or {}).items()})
@@ -57,3 +65,28 @@ def load_matrix(run_dir, metric: str = "image_auroc"):
 
 def load_metrics(run_dir) -> dict:
     return files.read_json(Path(run_dir) / "metrics.json")
+
+
+def _train_one(job: dict) -> str:
+    import torch
+    torch.set_num_threads(1)  # one thread per worker: on few cores, parallel runs beat threads
+    return str(ensure_run(**job, progress_bar=False))
+
+
+def ensure_runs(run_root, jobs: list[dict], workers: int = 2) -> list[Path]:
+    """``ensure_run`` for many jobs (keyword dicts), training the missing ones in ``workers``
+    processes of one thread each, biggest first. Prints one line per finished run."""
+    dirs = [run_dir(run_root, **job) for job in jobs]
+    missing = [dict(job, run_root=run_root) for job, d in zip(jobs, dirs) if not (d / "metrics.json").exists()]
+    missing.sort(key=lambda job: -len(job.get("tasks") or range(99)))  # long streams first
+    if workers <= 1 or len(missing) <= 1:
+        for job in missing:
+            ensure_run(**job)
+        return dirs
+    start = time.perf_counter()
+    with ProcessPoolExecutor(min(workers, len(missing)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_one, job): job for job in missing}
+        for done, future in enumerate(as_completed(futures), 1):
+            out = future.result()  # a failed run raises here, naming its error
+            print(f"[{done}/{len(missing)}] trained {Path(out).name} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return dirs

@@ -40,11 +40,12 @@ class LoRALinear(nn.Module):
         return {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
 
     def forward(self, x):
-        out = self.base(x)
         task = self.active_task
-        if task is not None and task in self.lora_A:
-            out = out + self.scale * F.linear(F.linear(x, self.lora_A[task]), self.lora_B[task])
-        return out
+        if task is None or task not in self.lora_A:
+            return self.base(x)
+        # W + (alpha/r) B A formed once per call: one product over the patches instead of three
+        weight = self.base.weight + self.scale * (self.lora_B[task] @ self.lora_A[task])
+        return F.linear(x, weight, self.base.bias)
 
 
 class AffineCoupling(nn.Module):
@@ -71,12 +72,15 @@ class AffineCoupling(nn.Module):
         return self.clamp * torch.tanh(s / self.clamp), t
 
     def forward(self, x):  # x: (B, H, W, D)
-        x = x.index_select(-1, self.perm)  # index_select: much faster backward than x[..., perm]
+        y, logdet = self.coupled(x.index_select(-1, self.perm))  # index_select: fast backward
+        return y.index_select(-1, self.inv_perm), logdet  # (B, H, W, D), (B, H, W)
+
+    def coupled(self, x):
+        """The coupling on input already in this block's channel order (x[..., perm]); the output
+        stays in that order. A stack of blocks uses this to merge consecutive permutations."""
         x1, x2 = x[..., : self.split], x[..., self.split :]
         s, t = self._scale_shift(x1)
-        y2 = x2 * torch.exp(s) + t
-        y = torch.cat([x1, y2], dim=-1).index_select(-1, self.inv_perm)
-        return y, s.sum(dim=-1)  # (B, H, W, D), (B, H, W)
+        return torch.cat([x1, x2 * torch.exp(s) + t], dim=-1), s.sum(dim=-1)
 
     def inverse(self, y):  # y: (B, H, W, D)
         y = y.index_select(-1, self.perm)

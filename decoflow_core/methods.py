@@ -24,7 +24,9 @@ from .losses import patch_nll, tail_aware_loss
 from .model import DeCoFlow
 from .router import PrototypeRouter
 
-METHODS = ("decoflow", "finetune", "ewc", "replay", "joint", "independent", "padim")
+# the same frozen-base + per-task-LoRA decomposition on other density models (alternatives.py)
+ALTERNATIVE_METHODS = ("ae_lora", "vae_lora", "ts_lora", "feature_prompt")
+METHODS = ("decoflow", "finetune", "ewc", "replay", "joint", "independent", "padim", *ALTERNATIVE_METHODS)
 SHARED = "shared"  # the single task name of one-flow baselines
 
 
@@ -41,13 +43,15 @@ def training_loss(model: DeCoFlow, x: torch.Tensor, config: Config) -> torch.Ten
     return tail_aware_loss(nll, lambda_tail=config.lambda_tail, top_k=config.top_k)
 
 
-def fit(model: DeCoFlow, params: list, patches: torch.Tensor, config: Config, *, seed: int,
-        penalty=None, replay: torch.Tensor | None = None, desc: str = "train") -> dict:
+def fit(model: torch.nn.Module, params: list, patches: torch.Tensor, config: Config, *, seed: int,
+        penalty=None, replay: torch.Tensor | None = None, desc: str = "train", loss_fn=None) -> dict:
     """Train ``params`` with AdamP for ``config.epochs`` epochs on patch features (N, D, H, W).
 
-    Every epoch runs to the end: no epoch is chosen by any score. A non-finite loss skips its step
-    and is counted. Returns {"loss": [mean loss per epoch], "nonfinite": count}.
+    ``loss_fn(model, x)`` defaults to the flow's ``training_loss``. Every epoch runs to the end: no
+    epoch is chosen by any score. A non-finite loss skips its step and is counted.
+    Returns {"loss": [mean loss per epoch], "nonfinite": count}.
     """
+    loss_fn = loss_fn or (lambda m, x: training_loss(m, x, config))
     from timm.optim import AdamP
     device = next(model.parameters()).device
     optimizer = AdamP(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -61,7 +65,7 @@ def fit(model: DeCoFlow, params: list, patches: torch.Tensor, config: Config, *,
             if replay is not None and len(replay):
                 pick = torch.randint(len(replay), (max(1, len(idx) // 2),), generator=generator)
                 x = torch.cat([x, replay[pick]])
-            loss = training_loss(model, x.to(device), config)
+            loss = loss_fn(model, x.to(device))
             if penalty is not None:
                 loss = loss + penalty()
             if not torch.isfinite(loss):
@@ -129,7 +133,7 @@ class DeCoFlowLearner(Learner):
         self.model.set_task(task)
         log = fit(self.model, self.model.trainable_parameters(), features["patch"], self.config,
                   seed=seed, desc=task)
-        if first:
+        if first and self.config.freeze_base:
             self.model.freeze_base()
         self.router.add_task(task, features["pooled"])
         return log
@@ -146,7 +150,7 @@ class DeCoFlowLearner(Learner):
         for task, task_state in state["tasks"].items():
             self.model.load_task_state_dict(task, task_state)
         self.model.load_base_state_dict(state["base"])
-        if state["tasks"]:
+        if state["tasks"] and self.config.freeze_base:
             self.model.freeze_base()
         self.router.load_state_dict(state["router"])
 
@@ -308,4 +312,7 @@ def make_learner(method: str, config: Config, dim: int, device: str) -> Learner:
         return SharedFlowLearner(config, dim, device, method=method)
     if method == "padim":
         return PaDiMReference(config, dim, device)
+    if method in ALTERNATIVE_METHODS:
+        from .alternatives import ALTERNATIVES  # imports this module: loaded on first use
+        return ALTERNATIVES[method](config, dim, device)
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

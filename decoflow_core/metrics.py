@@ -33,7 +33,7 @@ def pixel_auroc_ap(masks, maps) -> tuple[float, float]:
     if truth.all() or not truth.any():
         return float("nan"), float("nan")
     scores = np.asarray(maps, dtype=np.float32).ravel()
-    order = np.argsort(-scores, kind="stable")
+    order = np.argsort(-scores)  # any order within a tie: each threshold ends after the whole tie
     ends = np.r_[np.flatnonzero(np.diff(scores[order])), len(scores) - 1]  # last index of each threshold
     tp = np.cumsum(truth[order], dtype=np.int64)[ends]
     fp = ends + 1 - tp

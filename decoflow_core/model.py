@@ -169,9 +169,14 @@ class DeCoFlow(nn.Module):
         """DCS then ACL blocks: u (B, D, H, W) -> z (B, D, H, W), summed log-det (B, H, W) (Eq. 16)."""
         h = u.permute(0, 2, 3, 1)  # (B, H, W, D)
         logdet = torch.zeros(h.shape[:-1], dtype=h.dtype, device=h.device)
-        for block in self._blocks():
-            h, block_logdet = block(h)
+        blocks = self._blocks()
+        if blocks:  # each block's "undo my permutation" and the next one's permutation as one gather
+            h = h.index_select(-1, blocks[0].perm)
+        for k, block in enumerate(blocks):
+            h, block_logdet = block.coupled(h)
             logdet = logdet + block_logdet
+            order = block.inv_perm if k + 1 == len(blocks) else block.inv_perm[blocks[k + 1].perm]
+            h = h.index_select(-1, order)
         return h.permute(0, 3, 1, 2), logdet
 
     def forward(self, x):

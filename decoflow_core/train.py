@@ -70,9 +70,10 @@ def load_task(root: Path, name: str, extractor: FeatureExtractor, config: Config
     return TaskData(name, category, train, test, labels, masks)
 
 
-def evaluate_task(learner: Learner, data: TaskData, config: Config) -> dict:
-    """Score one task's test set. Task-agnostic: the router picks the adapters for every image."""
-    if learner.uses_router and config.task_agnostic:
+def evaluate_task(learner: Learner, data: TaskData, config: Config, *, oracle: bool = False) -> dict:
+    """Score one task's test set. Task-agnostic: the router picks the adapters for every image;
+    ``oracle=True`` (or ``config.task_agnostic=False``) gives the true task id instead."""
+    if learner.uses_router and config.task_agnostic and not oracle:
         routed = learner.route(data.test["pooled"])
     else:  # the oracle task id, or a one-flow method that has nothing to route
         routed = [data.name] * len(data.labels)
@@ -117,23 +118,37 @@ def _nan_to_none(value: float):
     return None if value is None or np.isnan(value) else float(value)
 
 
-def summarise(progress: dict, meta: dict, learner: Learner) -> dict:
-    """metrics.json from the recorded rows (see the module docstring for R)."""
-    tasks = meta["tasks"]
+def _matrices(rows: list, tasks: list[str]) -> dict:
     T = len(tasks)
     matrices = {m: np.full((T, T), np.nan) for m in METRICS}
-    for i, row in enumerate(progress["rows"]):
-        if row is None:
-            continue
-        for j, result in row.items():
+    for i, row in enumerate(rows):
+        for j, result in (row or {}).items():
             for m in METRICS:
                 matrices[m][i, tasks.index(j)] = np.nan if result[m] is None else result[m]
-    final = {t: {m: _nan_to_none(matrices[m][T - 1, j]) for m in METRICS} for j, t in enumerate(tasks)}
-    mean = {m: _nan_to_none(np.nanmean(matrices[m][T - 1])) if not np.isnan(matrices[m][T - 1]).all() else None
+    return matrices
+
+
+def _scores(matrices: dict, tasks: list[str], continual: bool) -> dict:
+    """final, mean, forgetting and bwt of R matrices (final row = after the last task)."""
+    last = len(tasks) - 1
+    final = {t: {m: _nan_to_none(matrices[m][last, j]) for m in METRICS} for j, t in enumerate(tasks)}
+    mean = {m: _nan_to_none(np.nanmean(matrices[m][last])) if not np.isnan(matrices[m][last]).all() else None
             for m in METRICS}
-    continual = meta["continual"]
     fm = {m: _nan_to_none(forgetting(matrices[m])) if continual else None for m in METRICS}
     bwt = {m: _nan_to_none(backward_transfer(matrices[m])) if continual else None for m in METRICS}
+    return {"final": final, "mean": mean, "forgetting": fm, "bwt": bwt}
+
+
+def summarise(progress: dict, meta: dict, learner: Learner) -> dict:
+    """metrics.json from the recorded rows (see the module docstring for R). A routed run also gets
+    ``oracle``: the same scores with the true task id given (for comparison only)."""
+    tasks = meta["tasks"]
+    T = len(tasks)
+    matrices = _matrices(progress["rows"], tasks)
+    continual = meta["continual"]
+    scores = _scores(matrices, tasks, continual)
+    oracle_rows = progress.get("oracle_rows") or []
+    oracle = _scores(_matrices(oracle_rows, tasks), tasks, continual) if any(oracle_rows) else None
     confusion = np.zeros((T, T), dtype=int)
     routing = None
     if learner.uses_router and meta["config"]["task_agnostic"]:
@@ -141,9 +156,8 @@ def summarise(progress: dict, meta: dict, learner: Learner) -> dict:
             for r in routed:
                 confusion[tasks.index(j), tasks.index(r)] += 1
         routing = float(np.trace(confusion) / confusion.sum())
-    return {"method": meta["method"], "tasks": tasks, "final": final, "mean": mean, "forgetting": fm,
-            "bwt": bwt, "routing_accuracy": routing, "params": learner.params(),
-            "seconds": progress["seconds"], "history": progress["history"],
+    return {"method": meta["method"], "tasks": tasks, **scores, "oracle": oracle, "routing_accuracy": routing,
+            "params": learner.params(), "seconds": progress["seconds"], "history": progress["history"],
             "breaks_no_replay": meta["breaks_no_replay"], "continual": continual,
             "backbone": meta["backbone"], "weight_source": meta["weight_source"],
             "_matrices": matrices, "_confusion": confusion}
@@ -216,6 +230,8 @@ def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: 
         learner.load_state_dict(torch.load(out / "checkpoints" / progress["resume_file"],
                                            map_location=device, weights_only=False))
 
+    routed_run = learner.uses_router and config.task_agnostic
+    progress.setdefault("oracle_rows", [None] * len(tasks))
     steps = [len(tasks) - 1] if method == "joint" else range(len(tasks))
     for step in tqdm(steps, desc=f"{method} tasks", disable=not progress_bar):
         if step < progress["done"]:
@@ -233,12 +249,17 @@ def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: 
         progress["history"][task] = log
 
         start = time.perf_counter()
-        row = {}
+        row, oracle_row = {}, {}
         for j in range(step + 1):
             result = evaluate_task(learner, data[j], config)
             row[tasks[j]] = {m: _nan_to_none(result[m]) for m in METRICS}
             progress["final_routing"][tasks[j]] = result["routed"]
+            if routed_run:  # the same model given the true task id; identical inputs when routing was right
+                if any(r != tasks[j] for r in result["routed"]):
+                    result = evaluate_task(learner, data[j], config, oracle=True)
+                oracle_row[tasks[j]] = {m: _nan_to_none(result[m]) for m in METRICS}
         progress["rows"][step] = row
+        progress["oracle_rows"][step] = oracle_row if routed_run else None
         progress["seconds"]["eval"] += time.perf_counter() - start
 
         previous = progress["resume_file"]

@@ -24,6 +24,7 @@ SEEDS = [0]  # training seeds; tables give the mean (and std) over them
 QUICK = False  # True: first 3 tasks, 1 epoch, a smaller flow; outputs go to RUN_ROOT/quick/
 RUN_ROOT = "../runs"  # shared runs and this notebook's JSON record live here
 THREADS = 0  # torch CPU threads; 0: the torch default (1 suits a busy shared CPU)
+WORKERS = 2  # runs trained in parallel processes of one thread each (1: one after another)
 '''
 
 
@@ -36,7 +37,7 @@ import pandas as pd
 from decoflow_core import analysis
 {extra_imports}
 ctx = analysis.Context("{name}", data=DATA, tasks=TASKS, profile=PROFILE, seeds=SEEDS, quick=QUICK,
-                       run_root=RUN_ROOT, threads=THREADS)
+                       run_root=RUN_ROOT, threads=THREADS, workers=WORKERS)
 print(f"data: {{ctx.data_root}}\\ntasks ({{len(ctx.tasks)}}): {{', '.join(ctx.tasks)}}\\nfigures -> {{ctx.figures}}\\ntables -> {{ctx.results}}")
 '''
 
@@ -241,7 +242,8 @@ seen so far after each one. The runs are trained here once (`experiments.ensure_
 by the later notebooks. Methods, all on the same features and the same flow (`decoflow_core/methods.py`):
 
 * `decoflow`: frozen shared base after task 0, per-task LoRA/TSA/SCM gate/ACL, prototype router;
-  `decoflow (oracle task id)` is the same with the true task id given (for comparison only);
+  `decoflow (oracle task id)` is the same trained model scored with the true task id given (for
+  comparison only; every routed run records both, `metrics.json` → `oracle`);
 * `finetune`: one flow, everything retrained on each task (the forgetting lower bound); `ewc`: plus
   an elastic penalty; `replay`: plus a few stored feature maps per task (**breaks the no-replay rule**);
 * `joint`: all tasks at once (not continual, an upper reference); `independent`: a whole flow per
@@ -254,8 +256,9 @@ by the later notebooks. Methods, all on the same features and the same flow (`de
 METHODS = ["decoflow", "finetune", "ewc", "replay", "joint", "independent", "padim"]
 NOTES = {"replay": "breaks no-replay", "joint": "not continual: all tasks at once",
          "padim": "reference: given the task id", "decoflow (oracle task id)": "given the task id"}
+ctx.prefetch([(method, seed, {}) for method in METHODS for seed in ctx.seeds])  # trains what is missing, in parallel
 runs = {method: [ctx.run(method, seed) for seed in ctx.seeds] for method in METHODS}
-runs["decoflow (oracle task id)"] = [ctx.run("decoflow", seed, task_agnostic=False) for seed in ctx.seeds]
+results = analysis.method_metrics(runs)  # adds "decoflow (oracle task id)": the same runs, true task id given
 """),
     ("md", """
 ## Main table
@@ -265,8 +268,8 @@ transfer of image AUROC, routing accuracy on the final model's test images, and 
 task. With several seeds each value is the mean and a `std` column follows it.
 """),
     ("code", """
-by_seed = pd.DataFrame([{"method": method, "seed": seed, **analysis.summary_row(load_metrics(run))}
-                        for method, dirs in runs.items() for seed, run in zip(ctx.seeds, dirs)])
+by_seed = pd.DataFrame([{"method": method, "seed": seed, **analysis.summary_row(metrics)}
+                        for method, seeds in results.items() for seed, metrics in zip(ctx.seeds, seeds)])
 main = analysis.seed_table(by_seed)
 main["note"] = main["method"].map(NOTES).fillna("")
 ctx.table(by_seed, "02_main_table_by_seed")
@@ -278,7 +281,7 @@ for row in main.to_dict("records"):
 main
 """),
     ("code", """
-per_task = {metric: analysis.per_task_table(runs, metric) for metric in ("image_auroc", "pixel_auroc", "pixel_ap")}
+per_task = {metric: analysis.per_task_table(results, metric) for metric in ("image_auroc", "pixel_auroc", "pixel_ap")}
 for metric, table in per_task.items():
     ctx.table(table, f"02_per_task_{metric}")
 decoflow_params = load_metrics(runs["decoflow"][0])["params"]
@@ -377,10 +380,10 @@ and per-task parameters, DeCoFlow's old tasks can only change through routing: w
 FM and BWT are exactly 0, as in the oracle row.
 """),
     ("code", """
-CONTINUAL = {"finetune": {}, "ewc": {}, "replay": {}, "independent": {}, "decoflow": {},
-             "decoflow (oracle task id)": {"task_agnostic": False}}
-rows = pd.DataFrame([{"method": method, "seed": seed, **analysis.forgetting_row(load_metrics(ctx.run(
-    method.split(" ")[0], seed, **changes)))} for method, changes in CONTINUAL.items() for seed in ctx.seeds])
+CONTINUAL = ["finetune", "ewc", "replay", "independent", "decoflow"]
+results = analysis.method_metrics({method: [ctx.run(method, seed) for seed in ctx.seeds] for method in CONTINUAL})
+rows = pd.DataFrame([{"method": method, "seed": seed, **analysis.forgetting_row(metrics)}
+                     for method, seeds in results.items() for seed, metrics in zip(ctx.seeds, seeds)])
 table = analysis.seed_table(rows)
 ctx.table(table, "03_forgetting_table")
 for row in table.to_dict("records"):
@@ -464,6 +467,7 @@ DeCoFlow with each rank, everything else as in 02, on the sensitivity stream: th
 """),
     ("code", """
 ranks = RANKS[:2] if ctx.quick else RANKS
+ctx.prefetch([("decoflow", seed, dict(stream=ctx.sensitivity_stream, rank=rank)) for rank in ranks for seed in ctx.seeds])
 rank_rows = pd.DataFrame([{"rank": rank, "seed": seed, **analysis.summary_row(load_metrics(ctx.run("decoflow", seed, stream=ctx.sensitivity_stream, rank=rank)))}
                           for rank in ranks for seed in ctx.seeds])
 by_rank = analysis.seed_table(rank_rows, by="rank")
@@ -494,7 +498,7 @@ feature vector as it enters the flow model** (before TSA), ‖∂L/∂x_p‖₂,
 (λ_tail = 0) and under TAL (the profile's λ_tail and top-k). Then: how much of the summed gradient
 the top-k% patches by NLL carry, and a λ_tail / top-k sensitivity on the stream.
 """),
-    ("parameters", COMMON_PARAMETERS + 'TAIL_SETTINGS = [[0.0, 0.02], [0.7, 0.02], [0.7, 0.05], [0.9, 0.02], [0.7, 0.01]]  # [lambda_tail, top_k] runs (QUICK: the first two)\n'),
+    ("parameters", COMMON_PARAMETERS + 'TAIL_SETTINGS = [[0.0, 0.02], [0.7, 0.02], [0.9, 0.02], [0.7, 0.05]]  # [lambda_tail, top_k] runs (QUICK: the first two)\n'),
     ("code", setup_cell("05_tal_gradients", "from decoflow_core.experiments import load_metrics\nfrom decoflow_core.report import load_run")),
     ("code", """
 config, extractor, learner, device = load_run(ctx.run("decoflow"))
@@ -542,6 +546,8 @@ whole stream with `PROFILE="paper"`).
 """),
     ("code", """
 settings = TAIL_SETTINGS[:2] if ctx.quick else TAIL_SETTINGS
+ctx.prefetch([("decoflow", seed, dict(stream=ctx.sensitivity_stream, lambda_tail=lam, top_k=k))
+              for lam, k in settings for seed in ctx.seeds])
 tail_rows = pd.DataFrame([{"setting": f"λ={lam}, top {k:.0%}", "seed": seed, **analysis.summary_row(load_metrics(
     ctx.run("decoflow", seed, stream=ctx.sensitivity_stream, lambda_tail=lam, top_k=k)))} for lam, k in settings for seed in ctx.seeds])
 by_setting = analysis.seed_table(tail_rows, by="setting")
@@ -618,6 +624,11 @@ print(f"decoflow run: {run_accuracy:.4f}; recomputed: {kit_accuracy:.4f}")
 errors
 """),
 ]
+
+
+from ablation_notebooks import notebooks as ablation_notebooks  # noqa: E402 -- 07-11 need the helpers above
+
+NOTEBOOKS.update(ablation_notebooks(COMMON_PARAMETERS, setup_cell))
 
 
 def cell(kind: str, source: str):

@@ -22,7 +22,8 @@ NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 REQUIRED_PARAMETERS = {"DATA", "TASKS", "PROFILE", "SEEDS", "QUICK", "RUN_ROOT"}
 EXPECTED = ["00_data_and_protocol", "01_feature_extraction", "02_sequential_training", "03_forgetting_heatmaps",
-            "04_svd_delta_w", "05_tal_gradients", "06_routing_confusion"]
+            "04_svd_delta_w", "05_tal_gradients", "06_routing_confusion", "07_component_ablation",
+            "08_depth_and_first_task", "09_why_nf_and_placement", "10_acl_analysis", "11_computational_cost"]
 
 
 def test_every_planned_notebook_is_committed():
@@ -212,6 +213,64 @@ def test_06_routing_confusion(executed):
     assert v["kit_router_accuracy"] == v["run_routing_accuracy"]
     assert v["kit_router_accuracy"] == v["accuracy/Mahalanobis, Ledoit-Wolf"]
     assert (v["routing_errors"] == 0) == (v["kit_router_accuracy"] == 1.0)
+
+
+def test_07_component_ablation(executed):
+    v = values(executed, "07_component_ablation")
+    assert is_fraction(v["full/I-AUROC"])
+    for name in ("TSA", "SCM", "TAL", "ACL"):
+        for metric in ("I-AUROC", "P-AUROC", "P-AP"):
+            assert -1 <= v[f"without {name}/delta_{metric}"] <= 1, (name, metric)
+    assert len(v["loo/std_I-AUROC"]) == 4 and all(x >= 0 for x in v["loo/std_I-AUROC"])  # QUICK runs two seeds
+    assert all(isinstance(x, bool) for x in v["loo/within_noise"])
+    # a frozen base keeps every old task's score: zero forgetting with and without the components
+    assert v["2x2/frozen_present/FM"] == 0.0 and v["2x2/frozen_absent/FM"] == 0.0
+    cells = {k: v[f"2x2/{k}/I-AUROC"] for k in ("frozen_present", "frozen_absent", "trainable_present", "trainable_absent")}
+    assert v["full/I-AUROC"] == cells["frozen_present"]  # the same runs
+    assert math.isclose(v["2x2/effect_frozen"], cells["frozen_present"] - cells["frozen_absent"], abs_tol=1e-9)
+    assert math.isclose(v["2x2/interaction"], v["2x2/effect_frozen"] - v["2x2/effect_trainable"], abs_tol=1e-9)
+    if "standardize/skipped" not in v:  # the real data is beside the checkout
+        for task in ("bottle", "magnetic_tile"):
+            assert -1 <= v[f"standardize/{task}/delta_I-AUROC"] <= 1
+
+
+def test_08_depth_and_first_task(executed):
+    v = values(executed, "08_depth_and_first_task")
+    for depth in (2, 4):
+        for acl in ("acl", "noacl"):
+            assert is_fraction(v[f"depth/{depth}_{acl}/I-AUROC"])
+            assert v[f"depth/{depth}_{acl}/nonfinite"] >= 0
+    followers = v["first_task/followers_I-AUROC"]
+    assert len(followers) == 2 and all(is_fraction(x) for x in followers)
+    assert math.isclose(v["first_task/spread"], max(followers) - min(followers), abs_tol=1e-12)
+
+
+def test_09_why_nf_and_placement(executed):
+    v = values(executed, "09_why_nf_and_placement")
+    for method in ("decoflow", "ae_lora", "vae_lora", "ts_lora", "feature_prompt"):
+        for metric in ("I-AUROC", "P-AUROC", "P-AP"):
+            assert is_fraction(v[f"{method}/{metric}"]), (method, metric)
+        assert v[f"{method}/FM (I-AUROC)"] == 0.0, f"{method}: a frozen base with per-task parameters cannot forget"
+        assert v[f"{method}/params/task"] > 0
+
+
+def test_10_acl_analysis(executed):
+    v = values(executed, "10_acl_analysis")
+    assert v["n_acl"] >= 1
+    for key in ("abs_skewness", "abs_excess_kurtosis"):
+        assert v[f"mean/{key} before"] >= 0 and v[f"mean/{key} after"] >= 0
+    assert v["mean/R² affine fit"] <= 1.0
+
+
+def test_11_computational_cost(executed):
+    v = values(executed, "11_computational_cost")
+    for method in ("decoflow", "independent", "replay"):
+        assert v[f"{method}/backbone ms"] > 0 and v[f"{method}/flow ms"] > 0
+        assert len(v[f"{method}/size_curve_mib"]) == 3
+    assert v["decoflow/params per task"] < v["independent/params per task"]
+    assert v["replay/params per task"] == 0 and v["replay/router KiB per task"] == 0
+    d, i = v["decoflow/size_curve_mib"], v["independent/size_curve_mib"]
+    assert d[-1] - d[0] < i[-1] - i[0], "DeCoFlow must grow slower per task than a flow per task"
 
 
 def test_report_notebook_times(executed, capsys):

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 ALL_TASKS = ["checker", "gradient", "noise"]  # "noise" is the category without masks
 TWO_TASKS = ["gradient", "noise"]
 REQUIRED_KEYS = {"method", "tasks", "final", "mean", "forgetting", "bwt", "routing_accuracy", "params", "seconds"}
-DOCUMENTED_EXTRA_KEYS = {"history", "breaks_no_replay", "continual", "backbone", "weight_source"}
+DOCUMENTED_EXTRA_KEYS = {"oracle", "history", "breaks_no_replay", "continual", "backbone", "weight_source"}
 
 
 def run_argv(data, out, smoke_args, *, method="decoflow", tasks=ALL_TASKS, extra=()) -> list[str]:
@@ -178,6 +178,26 @@ def test_oracle_task_id_gives_exactly_zero_forgetting_and_untouched_task_weights
     base = torch.load(out / "checkpoints" / "base.pt", weights_only=False)
     assert _tensors_equal(last["tasks"]["checker"], first_task)
     assert _tensors_equal(last["base"], base)
+
+
+def test_routed_run_records_the_oracle_scores_of_the_same_model(run_method, tiny_tree, smoke_args, tmp_path,
+                                                                 monkeypatch):
+    routed = read_json(run_method("decoflow") / "metrics.json")
+    oracle_run = read_json(run_method("decoflow", extra=("--set", "task_agnostic=false")) / "metrics.json")
+    assert routed["routing_accuracy"] == 1.0  # every image reached its own adapters: identical scores
+    for key in ("final", "mean", "forgetting", "bwt"):
+        assert routed["oracle"][key] == routed[key] == oracle_run[key]
+    assert oracle_run["oracle"] is None and read_json(run_method("finetune") / "metrics.json")["oracle"] is None
+
+    # a router that sends every image to the first task: the routed scores change, the oracle's do not
+    monkeypatch.setattr(DeCoFlowLearner, "route", lambda self, pooled: [self.model.tasks[0]] * len(pooled))
+    out = tmp_path / "misrouted"
+    assert main(run_argv(tiny_tree, out, smoke_args)) == 0
+    misrouted = read_json(out / "metrics.json")
+    assert misrouted["routing_accuracy"] == pytest.approx(1 / 3)
+    assert misrouted["oracle"]["final"] == oracle_run["final"]
+    assert misrouted["oracle"]["forgetting"]["image_auroc"] == 0.0
+    assert misrouted["final"] != oracle_run["final"]
 
 
 def _tensors_equal(a, b) -> bool:
