@@ -58,14 +58,14 @@ def first_task_plan(available: list[str], stream: list[str], wanted: list[str], 
                     n_followers: int = 2) -> tuple[list[str], list[str]]:
     """(candidates for task 0, fixed tasks that follow every candidate). ``wanted`` names that the
     data lacks are replaced by other categories of the stream."""
-    candidates = [t for t in wanted if t in available]
+    candidates = list(dict.fromkeys(t for t in wanted if t in available))[:n_candidates]
     followers = [t for t in stream if t not in candidates][:n_followers]
     for t in available:
         if len(candidates) >= n_candidates:
             break
         if t not in candidates and t not in followers:
             candidates.append(t)
-    return candidates[:n_candidates], followers
+    return candidates, followers
 
 
 # ----------------------------------------------------------------------------- ACL (Sec. 4.4.5)

@@ -232,7 +232,7 @@ def method_metrics(runs: dict) -> dict:
     out = {}
     for method, dirs in runs.items():
         out[method] = [load_metrics(d) for d in dirs]
-        if all(m.get("oracle") for m in out[method]):
+        if out[method] and all(m.get("oracle") for m in out[method]):
             out[method + ORACLE] = [oracle_view(m) for m in out[method]]
     return out
 
