@@ -72,6 +72,7 @@ def first_task_plan(available: list[str], stream: list[str], wanted: list[str], 
 @torch.no_grad()
 def acl_latents(model, task: str, patches: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(latent after the DCS blocks, latent after the task's ACL blocks), each (patches, D)."""
+    previous = model.active_task
     model.set_task(task)
     h = model.embed(patches).permute(0, 2, 3, 1)
     for block in model.dcs:
@@ -79,6 +80,7 @@ def acl_latents(model, task: str, patches: torch.Tensor) -> tuple[np.ndarray, np
     before = h
     for block in model.acl[task] if task in model.acl else []:
         h, _ = block(h)
+    model.set_task(previous)
     flat = lambda t: t.reshape(-1, t.shape[-1]).double().numpy()  # noqa: E731
     return flat(before), flat(h)
 

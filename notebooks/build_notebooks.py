@@ -9,6 +9,7 @@ short cells that call ``decoflow_core``.
 """
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 
@@ -53,7 +54,7 @@ The benchmark the kit runs on, the order in which its categories arrive as tasks
 defective samples look like, and the rules of the continual protocol (paper Sec. 3.1 and 4.1).
 """),
     ("parameters", COMMON_PARAMETERS),
-    ("code", setup_cell("00_data_and_protocol", "from decoflow_core.data import format_info_table, validate_tree")),
+    ("code", setup_cell("00_data_and_protocol", "from decoflow_core import probes\nfrom decoflow_core.data import format_info_table, validate_tree")),
     ("md", """
 ## The benchmark
 
@@ -94,7 +95,7 @@ One normal test image and two defects (of different types where the category has
 category, at the stored resolution; the red outline is the ground-truth mask.
 """),
     ("code", """
-ctx.figure(analysis.sample_gallery(ctx.data_root, ctx.tasks), "00_sample_gallery")
+ctx.figure(probes.sample_gallery(ctx.data_root, ctx.tasks), "00_sample_gallery")
 """),
     ("md", """
 ## The protocol in words
@@ -124,7 +125,8 @@ two intermediate stages pooled to a 14×14 grid, the 2-D sinusoidal positional e
 the on-disk feature cache, and the pooled per-image feature the router uses (Sec. 3.8).
 """),
     ("parameters", COMMON_PARAMETERS),
-    ("code", setup_cell("01_feature_extraction", """import tempfile
+    ("code", setup_cell("01_feature_extraction", """from decoflow_core import probes
+import tempfile
 
 from decoflow_core.backbone import positional_encoding_2d
 from decoflow_core.data import load_category
@@ -140,7 +142,7 @@ and whose strides are the same, so the grid is too.
     ("code", """
 config = ctx.config()
 extractor = build_extractor(config)
-stages = analysis.backbone_table(extractor, config.image_size)
+stages = probes.backbone_table(extractor, config.image_size)
 ctx.table(stages, "01_backbone_stages")
 print(f"{extractor.backbone_name}, weights: {extractor.weight_source}")
 print(f"patch features: D = {extractor.dim} channels on a {config.grid}x{config.grid} grid "
@@ -184,7 +186,7 @@ cache folder.
     ("code", """
 paths = load_category(ctx.data_root, ctx.tasks[0]).train[: 16 if ctx.quick else None]
 with tempfile.TemporaryDirectory() as cache:
-    seconds = analysis.time_feature_extraction(extractor, paths, config.image_size, cache)
+    seconds = probes.time_feature_extraction(extractor, paths, config.image_size, cache)
 timing = pd.DataFrame({"features of": f"{len(paths)} images", "how": list(seconds), "seconds": list(seconds.values())})
 ctx.table(timing, "01_feature_cache_timing")
 ctx.record("seconds_no_cache", seconds["no cache"], f"seconds for the features of {len(paths)} images without a cache")
@@ -216,7 +218,7 @@ ax.legend(fontsize=6, markerscale=2, ncol=2)
 ctx.figure(fig, "01_pooled_features_pca")
 """),
     ("code", """
-separation = analysis.task_separation(pooled)
+separation = probes.task_separation(pooled)
 ctx.table(separation, "01_task_separation")
 closest = separation.iloc[0]
 explained = float(pca.explained_variance_ratio_[:2].sum())
@@ -251,7 +253,7 @@ by the later notebooks. Methods, all on the same features and the same flow (`de
 * `padim`: a Gaussian per patch position and task, given the task id (a non-flow reference).
 """),
     ("parameters", COMMON_PARAMETERS),
-    ("code", setup_cell("02_sequential_training", "from decoflow_core.experiments import load_metrics\nfrom decoflow_core.files import read_json")),
+    ("code", setup_cell("02_sequential_training", "from decoflow_core import probes\nfrom decoflow_core.experiments import load_metrics\nfrom decoflow_core.files import read_json")),
     ("code", """
 METHODS = ["decoflow", "finetune", "ewc", "replay", "joint", "independent", "padim"]
 NOTES = {"replay": "breaks no-replay", "joint": "not continual: all tasks at once",
@@ -329,10 +331,10 @@ Two defective test images per task, scored by the final DeCoFlow model exactly a
 the anomaly map with the mask in cyan.
 """),
     ("code", """
-examples = analysis.anomaly_map_examples(runs["decoflow"][0], ctx.data_root, ctx.tasks, n_per_task=2)
+examples = probes.anomaly_map_examples(runs["decoflow"][0], ctx.data_root, ctx.tasks, n_per_task=2)
 ctx.record("gallery_routed_correctly", float(np.mean([e["routed"] == e["task"] for e in examples])),
            "share of the gallery's images the router sent to their own task")
-ctx.figure(analysis.map_gallery(examples), "02_anomaly_map_gallery")
+ctx.figure(probes.map_gallery(examples), "02_anomaly_map_gallery")
 """),
 ]
 
@@ -409,21 +411,21 @@ W_before of every base Linear is then what LoRA would have to express; its singu
 much of it a rank-*r* adapter can capture.
 """),
     ("parameters", COMMON_PARAMETERS + 'RANKS = [16, 32, 64, 128]  # LoRA ranks of the sensitivity runs (QUICK: the first two)\n'),
-    ("code", setup_cell("04_svd_delta_w", "from decoflow_core.experiments import load_metrics")),
+    ("code", setup_cell("04_svd_delta_w", "from decoflow_core import probes\nfrom decoflow_core.experiments import load_metrics")),
     ("code", """
-config, model = analysis.first_task_model(ctx.run("decoflow"))
+config, model = probes.first_task_model(ctx.run("decoflow"))
 new_task = ctx.tasks[1]
-deltas = analysis.full_finetune_delta(model, new_task, ctx.features()[new_task].train["patch"], config,
+deltas = probes.full_finetune_delta(model, new_task, ctx.features()[new_task].train["patch"], config,
                                       seed=ctx.seeds[0])
-paper_ranks = analysis.paper_layer_ranks(deltas)
-layers = analysis.delta_w_table(deltas, config.rank, paper_ranks)
-layers["random ΔW energy@profile rank"] = [analysis.random_energy(d.shape, config.rank) for d in deltas.values()]
+paper_ranks = probes.paper_layer_ranks(deltas)
+layers = probes.delta_w_table(deltas, config.rank, paper_ranks)
+layers["random ΔW energy@profile rank"] = [probes.random_energy(d.shape, config.rank) for d in deltas.values()]
 ctx.table(layers, "04_delta_w_energy")
 layers
 """),
     ("code", """
-curves = {name: analysis.cumulative_energy(delta) for name, delta in deltas.items()}
-mean_curve = analysis.mean_energy_curve(list(curves.values()))
+curves = {name: probes.cumulative_energy(delta) for name, delta in deltas.items()}
+mean_curve = probes.mean_energy_curve(list(curves.values()))
 fig, (ax_rank, ax_norm) = plt.subplots(1, 2, figsize=(11, 4))
 for curve in curves.values():
     ax_rank.plot(np.arange(1, len(curve) + 1), curve, color="grey", lw=0.6, alpha=0.6)
@@ -499,7 +501,7 @@ feature vector as it enters the flow model** (before TSA), ‖∂L/∂x_p‖₂,
 the top-k% patches by NLL carry, and a λ_tail / top-k sensitivity on the stream.
 """),
     ("parameters", COMMON_PARAMETERS + 'TAIL_SETTINGS = [[0.0, 0.02], [0.7, 0.02], [0.9, 0.02], [0.7, 0.05]]  # [lambda_tail, top_k] runs (QUICK: the first two)\n'),
-    ("code", setup_cell("05_tal_gradients", "from decoflow_core.experiments import load_metrics\nfrom decoflow_core.report import load_run")),
+    ("code", setup_cell("05_tal_gradients", "from decoflow_core import probes\nfrom decoflow_core.experiments import load_metrics\nfrom decoflow_core.report import load_run")),
     ("code", """
 config, extractor, learner, device = load_run(ctx.run("decoflow"))
 task = ctx.tasks[0]
@@ -507,10 +509,10 @@ model = learner.model_for(task)
 batch = ctx.features()[task].train["patch"][: config.batch_size].to(device)
 losses = {"plain NLL (λ_tail = 0)": config.replace(lambda_tail=0.0),
           f"TAL (λ_tail = {config.lambda_tail}, top {config.top_k:.0%})": config}
-gradients = {name: analysis.patch_feature_gradients(model, batch, loss_config) for name, loss_config in losses.items()}
+gradients = {name: probes.patch_feature_gradients(model, batch, loss_config) for name, loss_config in losses.items()}
 shares = pd.DataFrame([{"loss": name, "patches": len(grad),
-                        f"gradient share of the top {config.top_k:.0%} patches": analysis.tail_share(grad, nll, config.top_k),
-                        "dL/dNLL share on them (Eq. 21)": analysis.expected_tail_weight(loss_config.lambda_tail, config.top_k),
+                        f"gradient share of the top {config.top_k:.0%} patches": probes.tail_share(grad, nll, config.top_k),
+                        "dL/dNLL share on them (Eq. 21)": probes.expected_tail_weight(loss_config.lambda_tail, config.top_k),
                         "max / median gradient": float(grad.max() / np.median(grad))}
                        for (name, (nll, grad)), loss_config in zip(gradients.items(), losses.values())])
 ctx.table(shares, "05_tail_gradient_share")
@@ -579,7 +581,7 @@ routed to the nearest prototype. The kit's router estimates Σ with Ledoit-Wolf 
 covariance is singular and only the tiny λ = 1e-5 keeps it invertible.
 """),
     ("parameters", COMMON_PARAMETERS),
-    ("code", setup_cell("06_routing_confusion", "from decoflow_core.experiments import load_metrics\nfrom decoflow_core.plots import heatmap")),
+    ("code", setup_cell("06_routing_confusion", "from decoflow_core import probes\nfrom decoflow_core.experiments import load_metrics\nfrom decoflow_core.plots import heatmap")),
     ("code", """
 config = ctx.config()
 features = ctx.features()
@@ -588,8 +590,8 @@ test = {task: task_data.test["pooled"] for task, task_data in features.items()}
 ROUTERS = {"Mahalanobis, Ledoit-Wolf": dict(metric="mahalanobis", shrinkage="ledoit_wolf"),
            "Mahalanobis, sample covariance": dict(metric="mahalanobis", shrinkage=None),
            "Euclidean": dict(metric="euclidean")}
-routing = {name: analysis.routing_confusion(train, test, reg=config.router_reg, **options) for name, options in ROUTERS.items()}
-kit_confusion, kit_accuracy = analysis.routing_confusion(train, test, metric=config.router_metric,
+routing = {name: probes.routing_confusion(train, test, reg=config.router_reg, **options) for name, options in ROUTERS.items()}
+kit_confusion, kit_accuracy = probes.routing_confusion(train, test, metric=config.router_metric,
                                                          shrinkage=config.router_shrinkage, reg=config.router_reg)
 accuracy = pd.DataFrame({"router": list(routing), "accuracy": [acc for _, acc in routing.values()]})
 ctx.table(accuracy, "06_routing_accuracy")
@@ -604,7 +606,7 @@ accuracy
 tasks = list(train)
 fig, axes = plt.subplots(1, len(routing), figsize=(1 + (1.5 + 0.3 * len(tasks)) * len(routing), 1.5 + 0.3 * len(tasks)), constrained_layout=True)
 for ax, (name, (confusion, acc)) in zip(axes, routing.items()):
-    image = heatmap(ax, analysis.row_normalise(confusion), tasks, title=f"{name}: {acc:.1%}",
+    image = heatmap(ax, probes.row_normalise(confusion), tasks, title=f"{name}: {acc:.1%}",
                     xlabel="routed to", ylabel="true task")
 fig.colorbar(image, ax=axes, shrink=0.8, label="share of the true task's test images")
 ctx.figure(fig, "06_routing_confusion")
@@ -617,7 +619,7 @@ features; its recorded accuracy must equal the kit's row above.
 run_accuracy = load_metrics(ctx.run("decoflow"))["routing_accuracy"]
 ctx.record("run_routing_accuracy", run_accuracy, "routing accuracy recorded by the decoflow run of 02")
 ctx.record("kit_router_accuracy", kit_accuracy, "accuracy recomputed here with the kit's router (config.router_*)")
-errors = analysis.routing_errors(kit_confusion, tasks)
+errors = probes.routing_errors(kit_confusion, tasks)
 ctx.table(errors, "06_routing_errors")
 ctx.record("routing_errors", int(errors["images"].sum()) if len(errors) else 0, "test images the kit's router sent to another task")
 print(f"decoflow run: {run_accuracy:.4f}; recomputed: {kit_accuracy:.4f}")
@@ -626,7 +628,8 @@ errors
 ]
 
 
-from ablation_notebooks import notebooks as ablation_notebooks  # noqa: E402 -- 07-11 need the helpers above
+sys.path.insert(0, str(HERE))  # ablation_notebooks.py (07-11) sits beside this file and needs the helpers above
+from ablation_notebooks import notebooks as ablation_notebooks  # noqa: E402
 
 NOTEBOOKS.update(ablation_notebooks(COMMON_PARAMETERS, setup_cell))
 

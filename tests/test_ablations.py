@@ -228,7 +228,8 @@ def test_acl_latents_use_the_named_task_not_the_active_one():
     x = _patches()
     model.set_task("t0")
     before, after = ablations.acl_latents(model, "t1", x)
-    assert model.active_task == "t1"
+    assert model.active_task == "t0"  # the caller's task is restored
+    model.set_task("t1")
     np.testing.assert_allclose(after, _z_rows(model, x), rtol=1e-5, atol=1e-5)
     model.set_task("t0")
     _, after_t0 = ablations.acl_latents(model, "t0", x)

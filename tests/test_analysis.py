@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from decoflow_core import analysis
+from decoflow_core import analysis, probes
 from decoflow_core.config import make_config
 from decoflow_core.model import DeCoFlow
 
@@ -19,35 +19,35 @@ from decoflow_core.model import DeCoFlow
 def test_a_rank_two_delta_has_all_its_energy_in_the_top_two():
     rng = np.random.default_rng(0)
     delta = rng.standard_normal((40, 2)) @ rng.standard_normal((2, 30))
-    curve = analysis.cumulative_energy(delta)
+    curve = probes.cumulative_energy(delta)
     assert len(curve) == 30
     assert curve[0] < 1.0
-    assert math.isclose(curve[1], 1.0, rel_tol=1e-12) and math.isclose(analysis.energy_at_rank(delta, 2), 1.0)
+    assert math.isclose(curve[1], 1.0, rel_tol=1e-12) and math.isclose(probes.energy_at_rank(delta, 2), 1.0)
 
 
 def test_energy_of_known_singular_values():
     delta = np.diag([3.0, 2.0, 1.0])  # energies 9, 4, 1 out of 14
-    np.testing.assert_allclose(analysis.cumulative_energy(delta), [9 / 14, 13 / 14, 1.0])
-    assert analysis.energy_at_rank(delta, 1) == pytest.approx(9 / 14)
-    assert analysis.energy_at_rank(delta, 64) == 1.0  # past the full rank nothing is left
+    np.testing.assert_allclose(probes.cumulative_energy(delta), [9 / 14, 13 / 14, 1.0])
+    assert probes.energy_at_rank(delta, 1) == pytest.approx(9 / 14)
+    assert probes.energy_at_rank(delta, 64) == 1.0  # past the full rank nothing is left
 
 
 def test_a_zero_delta_counts_as_fully_captured():
-    assert np.all(analysis.cumulative_energy(np.zeros((3, 4))) == 1.0)
+    assert np.all(probes.cumulative_energy(np.zeros((3, 4))) == 1.0)
 
 
 def test_mean_energy_curve_pads_shorter_curves_with_one():
-    mean = analysis.mean_energy_curve([np.array([0.5, 1.0]), np.array([0.2, 0.6, 0.9, 1.0])])
+    mean = probes.mean_energy_curve([np.array([0.5, 1.0]), np.array([0.2, 0.6, 0.9, 1.0])])
     np.testing.assert_allclose(mean, [0.35, 0.8, 0.95, 1.0])
 
 
 def test_noise_has_no_low_rank_structure():
-    assert analysis.random_energy((64, 64), 8) < 0.5  # 8 of 64 directions hold well under half of white noise
+    assert probes.random_energy((64, 64), 8) < 0.5  # 8 of 64 directions hold well under half of white noise
 
 
 def test_delta_w_table_flags_layers_whose_full_rank_is_at_most_64():
     deltas = {"dcs.0.subnet.s_in": np.diag(np.arange(8, 0, -1.0)), "dcs.0.subnet.t_in": np.eye(100)}
-    table = analysis.delta_w_table(deltas, profile_rank=4, paper_ranks={"dcs.0.subnet.s_in": 768, "dcs.0.subnet.t_in": 384})
+    table = probes.delta_w_table(deltas, profile_rank=4, paper_ranks={"dcs.0.subnet.s_in": 768, "dcs.0.subnet.t_in": 384})
     small, large = table.to_dict("records")
     assert small["full rank"] == 8 and small["top 64 is full rank"] and small["energy@64"] == 1.0
     assert small["matched rank"] == 1  # ceil(8 * 64 / 768)
@@ -57,7 +57,7 @@ def test_delta_w_table_flags_layers_whose_full_rank_is_at_most_64():
 
 
 def test_paper_layer_ranks_are_those_of_the_768_dim_flow():
-    ranks = analysis.paper_layer_ranks(["dcs.0.subnet.s_in", "dcs.0.subnet.t_out", "dcs.1.subnet.t_in"])
+    ranks = probes.paper_layer_ranks(["dcs.0.subnet.s_in", "dcs.0.subnet.t_out", "dcs.1.subnet.t_in"])
     # D = 768, d1 = d2 = 384, hidden = 768; s_in sees [x1; context] = 768 inputs
     assert ranks == {"dcs.0.subnet.s_in": 768, "dcs.0.subnet.t_out": 384, "dcs.1.subnet.t_in": 384}
 
@@ -75,8 +75,8 @@ def test_full_finetune_delta_changes_only_a_copy_and_covers_every_base_linear():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = make_config("smoke").replace(epochs=2, batch_size=4, lr=1e-2)
     patches = torch.randn(8, 8, 4, 4)
-    deltas = analysis.full_finetune_delta(model, "second", patches, config, seed=0)
-    assert set(deltas) == set(analysis.base_linears(model)) and len(deltas) == 2 * 4
+    deltas = probes.full_finetune_delta(model, "second", patches, config, seed=0)
+    assert set(deltas) == set(probes.base_linears(model)) and len(deltas) == 2 * 4
     assert all(np.abs(d).max() > 0 for d in deltas.values()), "every base Linear must move"
     assert model.tasks == ["first"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -88,14 +88,14 @@ def test_full_finetune_delta_changes_only_a_copy_and_covers_every_base_linear():
 def test_tail_share_on_a_hand_made_batch():
     nll = [5.0, 1.0, 2.0, 1.0]
     grads = [3.0, 1.0, 1.0, 1.0]
-    assert analysis.tail_share(grads, nll, top_k=0.25) == pytest.approx(0.5)  # patch 0 carries 3 of 6
-    assert analysis.tail_share(grads, nll, top_k=0.5) == pytest.approx(4 / 6)  # patches 0 and 2
+    assert probes.tail_share(grads, nll, top_k=0.25) == pytest.approx(0.5)  # patch 0 carries 3 of 6
+    assert probes.tail_share(grads, nll, top_k=0.5) == pytest.approx(4 / 6)  # patches 0 and 2
 
 
 def test_expected_tail_weight_of_eq_21():
-    assert analysis.expected_tail_weight(0.0, 0.02) == pytest.approx(0.02)
-    assert analysis.expected_tail_weight(1.0, 0.02) == pytest.approx(1.0)
-    assert analysis.expected_tail_weight(0.7, 0.02) == pytest.approx(0.706)
+    assert probes.expected_tail_weight(0.0, 0.02) == pytest.approx(0.02)
+    assert probes.expected_tail_weight(1.0, 0.02) == pytest.approx(1.0)
+    assert probes.expected_tail_weight(0.7, 0.02) == pytest.approx(0.706)
 
 
 def test_pure_tail_loss_on_a_patchwise_flow_has_gradient_only_on_the_worst_patch():
@@ -106,13 +106,13 @@ def test_pure_tail_loss_on_a_patchwise_flow_has_gradient_only_on_the_worst_patch
     model.set_task("a")
     x = torch.randn(2, 8, 4, 4)
     config = make_config("smoke").replace(lambda_tail=1.0, top_k=1 / 32)
-    nll, grad = analysis.patch_feature_gradients(model, x, config)
+    nll, grad = probes.patch_feature_gradients(model, x, config)
     assert nll.shape == grad.shape == (32,)
     assert np.count_nonzero(grad) == 1 and np.argmax(grad) == np.argmax(nll)
-    nll_plain, grad_plain = analysis.patch_feature_gradients(model, x, config.replace(lambda_tail=0.0))
+    nll_plain, grad_plain = probes.patch_feature_gradients(model, x, config.replace(lambda_tail=0.0))
     np.testing.assert_allclose(nll_plain, nll)
     assert np.count_nonzero(grad_plain) == 32
-    assert analysis.tail_share(grad, nll, 1 / 32) == 1.0 > analysis.tail_share(grad_plain, nll, 1 / 32)
+    assert probes.tail_share(grad, nll, 1 / 32) == 1.0 > probes.tail_share(grad_plain, nll, 1 / 32)
 
 
 # ----------------------------------------------------------------------------- routing (Sec. 3.8, 4.4.6)
@@ -130,24 +130,24 @@ def test_mahalanobis_routes_what_euclidean_gets_wrong():
     train = two_tasks()
     # a normal point of "wide" 1.8 from its mean is 1.2 from "tight"'s mean, but 24 of its standard deviations
     test = {"wide": torch.tensor([[0.0, 1.8]] * 5), "tight": train["tight"][:5] + 0.01}
-    confusion, accuracy = analysis.routing_confusion(train, test, metric="euclidean")
+    confusion, accuracy = probes.routing_confusion(train, test, metric="euclidean")
     assert accuracy == 0.5 and confusion.tolist() == [[0, 5], [0, 5]]
-    confusion, accuracy = analysis.routing_confusion(train, test, metric="mahalanobis", reg=1e-5)
+    confusion, accuracy = probes.routing_confusion(train, test, metric="mahalanobis", reg=1e-5)
     assert accuracy == 1.0 and confusion.tolist() == [[5, 0], [0, 5]]
-    errors = analysis.routing_errors([[0, 5], [0, 5]], ["wide", "tight"])
+    errors = probes.routing_errors([[0, 5], [0, 5]], ["wide", "tight"])
     assert errors.to_dict("records") == [{"true task": "wide", "routed to": "tight", "images": 5}]
-    assert analysis.routing_errors(np.eye(2, dtype=int), ["a", "b"]).empty
+    assert probes.routing_errors(np.eye(2, dtype=int), ["a", "b"]).empty
 
 
 def test_row_normalise():
-    np.testing.assert_allclose(analysis.row_normalise([[3, 1], [0, 0]]), [[0.75, 0.25], [0.0, 0.0]])
+    np.testing.assert_allclose(probes.row_normalise([[3, 1], [0, 0]]), [[0.75, 0.25], [0.0, 0.0]])
 
 
 def test_task_separation_orders_pairs_from_closest():
     rng = np.random.default_rng(0)
     pooled = {"a": rng.standard_normal((50, 3)), "b": rng.standard_normal((50, 3)) + 0.1,
               "c": rng.standard_normal((50, 3)) + 20}
-    table = analysis.task_separation(pooled)
+    table = probes.task_separation(pooled)
     assert list(zip(table["task a"], table["task b"]))[0] == ("a", "b")
     assert table["separation"].iloc[0] < 1 < table["separation"].iloc[-1]
 
@@ -215,9 +215,9 @@ def test_pick_test_samples_prefers_distinct_defect_types():
     from decoflow_core.data import Category, Sample
     from pathlib import Path
     test = [Sample(Path(f"{t}{i}.png"), int(t != "good"), t, None) for t in ("good", "crack", "hole") for i in range(3)]
-    picked = analysis.pick_test_samples(Category("x", Path("."), [], test), n_good=1, n_defect=2)
+    picked = probes.pick_test_samples(Category("x", Path("."), [], test), n_good=1, n_defect=2)
     assert [s.defect_type for s in picked] == ["good", "crack", "hole"]
-    picked = analysis.pick_test_samples(Category("x", Path("."), [], test[:5]), n_good=0, n_defect=3)
+    picked = probes.pick_test_samples(Category("x", Path("."), [], test[:5]), n_good=0, n_defect=3)
     assert [s.defect_type for s in picked] == ["crack", "crack"]  # only two defects exist
 
 
