@@ -176,7 +176,9 @@ depth_rows
         ("code", """
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), constrained_layout=True)
 for (d, acl), m in depth_runs.items():
-    axes[0].plot(m["history"][stream[0]]["loss"], "-" if acl else "--", label=f"{d} DCS{' + ACL' if acl else ''}")
+    loss = m["history"][stream[0]]["loss"]
+    axes[0].plot(range(1, len(loss) + 1), loss, "-" if acl else "--", label=f"{d} DCS{' + ACL' if acl else ''}")
+axes[0].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
 axes[0].set_xlabel("epoch")
 axes[0].set_ylabel(f"training loss, task 0 ({stream[0]})")
 axes[0].legend(fontsize=7)
