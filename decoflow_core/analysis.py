@@ -64,12 +64,12 @@ class Context:
         self.workers = max(1, int(workers))
         self.seeds = list(seeds)
         self.run_root = Path(run_root).resolve()
-        data_path = Path(data)
-        if data != "embedded" and not data_path.is_absolute() and not data_path.exists():
-            data = str(REPO / data_path)  # paths given relative to the kit (make reproduce DATA=...)
+        if data != "embedded" and not Path(data).exists():
+            data = str(kit_path(data))  # paths given relative to the kit (make reproduce DATA=...)
         self.data_spec = data
         self.data_root = Path(resolve_data(data))
-        self.tasks = task_stream(list_categories(self.data_root), tasks, quick)
+        self.available = list_categories(self.data_root)
+        self.tasks = task_stream(self.available, tasks, quick)
         quick_root = self.run_root / "quick"
         self.figures = quick_root / "figures" if quick else REPO / "figures"
         self.results = quick_root / "results" if quick else REPO / "results"
@@ -93,7 +93,7 @@ class Context:
         seed = self.seeds[0] if seed is None else seed
         data = data or self.data_spec
         stream = list(stream or self.tasks)
-        default_stream = data == self.data_spec and stream == task_stream(self.tasks_available(), None, False)
+        default_stream = data == self.data_spec and stream == task_stream(self.available, None, False)
         return dict(method=method, data=data, tasks=None if default_stream else stream, profile=self.profile,
                     seed=seed, sets=self.sets(**changes))
 
@@ -103,9 +103,9 @@ class Context:
         (default: the notebook's), trained now only if no notebook did it yet."""
         job = self._job(method, seed, stream=stream, data=data, **changes)
         out = ensure_run(self.run_root, **job)
-        stream = list(stream or self.tasks)
-        if job["data"] == self.data_spec and load_metrics(out)["tasks"] != stream:
-            raise RuntimeError(f"{out} holds a run on other tasks than {stream}; delete it or use another RUN_ROOT")
+        expected = job["tasks"] or self.available
+        if load_metrics(out)["tasks"] != expected:
+            raise RuntimeError(f"{out} holds a run on other tasks than {expected}; delete it or use another RUN_ROOT")
         return out
 
     def prefetch(self, runs: list[tuple]) -> None:
@@ -113,10 +113,6 @@ class Context:
         ``self.workers`` parallel processes; the ``run`` calls that follow then find them."""
         from .experiments import ensure_runs
         ensure_runs(self.run_root, [self._job(method, seed, **kw) for method, seed, kw in runs], self.workers)
-
-    def tasks_available(self) -> list[str]:
-        from .data import list_categories
-        return list_categories(self.data_root)
 
     def features(self, **changes) -> dict:
         """{task: train.TaskData} of the stream's features (read from the feature cache)."""

@@ -118,6 +118,10 @@ def _nan_to_none(value: float):
     return None if value is None or np.isnan(value) else float(value)
 
 
+def _recorded(result: dict) -> dict:
+    return {m: _nan_to_none(result[m]) for m in METRICS}
+
+
 def _matrices(rows: list, tasks: list[str]) -> dict:
     T = len(tasks)
     matrices = {m: np.full((T, T), np.nan) for m in METRICS}
@@ -252,12 +256,12 @@ def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: 
         row, oracle_row = {}, {}
         for j in range(step + 1):
             result = evaluate_task(learner, data[j], config)
-            row[tasks[j]] = {m: _nan_to_none(result[m]) for m in METRICS}
+            row[tasks[j]] = _recorded(result)
             progress["final_routing"][tasks[j]] = result["routed"]
             if routed_run:  # the same model given the true task id; identical inputs when routing was right
                 if any(r != tasks[j] for r in result["routed"]):
                     result = evaluate_task(learner, data[j], config, oracle=True)
-                oracle_row[tasks[j]] = {m: _nan_to_none(result[m]) for m in METRICS}
+                oracle_row[tasks[j]] = _recorded(result)
         progress["rows"][step] = row
         progress["oracle_rows"][step] = oracle_row if routed_run else None
         progress["seconds"]["eval"] += time.perf_counter() - start

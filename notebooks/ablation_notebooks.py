@@ -51,8 +51,9 @@ print(f"stream: {stream}; changes from the {ctx.profile} profile: {changes}; see
 rows = pd.DataFrame([{"variant": name, "seed": seed, **analysis.summary_row(metrics(change, seed))}
                      for name, change in VARIANTS.items() for seed in seeds])
 table = analysis.seed_table(rows, by="variant")
-effects = pd.concat([ablations.paired_effects(rows, "full", value) for value in ("I-AUROC", "P-AUROC", "P-AP")], axis=1)
-effects = effects.loc[:, ~effects.columns.duplicated()]
+per_metric = {value: ablations.paired_effects(rows, "full", value) for value in ("I-AUROC", "P-AUROC", "P-AP")}
+effects = pd.concat(per_metric.values(), axis=1)
+effects = effects.loc[:, ~effects.columns.duplicated()]  # std, seeds and noise columns: those of I-AUROC
 ctx.table(table, "07_leave_one_out")
 ctx.table(effects, "07_leave_one_out_effects")
 for row in effects.to_dict("records"):
@@ -66,8 +67,7 @@ effects
 """),
         ("code", """
 fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), constrained_layout=True)
-for ax, value in zip(axes, ("I-AUROC", "P-AUROC", "P-AP")):
-    e = ablations.paired_effects(rows, "full", value)
+for ax, (value, e) in zip(axes, per_metric.items()):
     ax.bar(e["variant"], e[f"Δ {value}"], yerr=e["std over seeds"].fillna(0), capsize=4, color="tab:red")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_title(f"Δ {value} vs full model")
@@ -192,7 +192,7 @@ ctx.figure(fig, "08_depth")
 """),
         ("md", "## First-task sensitivity"),
         ("code", """
-candidates, followers = ablations.first_task_plan(ctx.tasks_available(), ctx.tasks, FIRST_TASKS, 2 if ctx.quick else 5)
+candidates, followers = ablations.first_task_plan(ctx.available, ctx.tasks, FIRST_TASKS, 2 if ctx.quick else 5)
 print(f"task 0 candidates: {candidates}; followed by: {followers}")
 ctx.prefetch([("decoflow", seed, dict(stream=[c] + followers, **changes)) for c in candidates])
 first_rows = []
@@ -276,9 +276,9 @@ best affine map from the latent before ACL to the latent after it (1 = ACL is li
         ("code", """
 config, extractor, learner, device = load_run(ctx.run("decoflow"))
 features = ctx.features()
-rows = []
+rows, latents = [], {}
 for task in ctx.tasks:
-    before, after = ablations.acl_latents(learner.model, task, features[task].train["patch"][:N_IMAGES].to(device))
+    before, after = latents[task] = ablations.acl_latents(learner.model, task, features[task].train["patch"][:N_IMAGES].to(device))
     rows.append({"task": task, **{f"{k} before": v for k, v in ablations.moments(before).items()},
                  **{f"{k} after": v for k, v in ablations.moments(after).items()},
                  "R² affine fit": ablations.linear_fit_r2(before, after),
@@ -301,7 +301,7 @@ for ax, name in zip(axes[:2], ("abs_skewness", "abs_excess_kurtosis")):
     ax.set_title(name.replace("_", " "))
     ax.legend(fontsize=7)
 task = ctx.tasks[0]
-before, after = ablations.acl_latents(learner.model, task, features[task].train["patch"][:N_IMAGES].to(device))
+before, after = latents[task]
 grid = np.linspace(-5, 5, 200)
 for data, label in ((before[:, 0], "before ACL"), (after[:, 0], "after ACL")):
     axes[2].hist(data, bins=80, range=(-5, 5), density=True, histtype="step", label=label)
