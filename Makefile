@@ -8,8 +8,10 @@ DATA    ?= embedded
 PROFILE ?= cpu
 SEEDS   ?= 0
 QUICK   ?= 0
+REAL_AD ?= ../shared/data/real_ad
+TASK_LRS = task_lr=1e-3,3e-3,1e-2,3e-2
 
-.PHONY: setup test reproduce embedded clean-runs
+.PHONY: setup test reproduce select embedded clean-runs
 
 setup: $(STAMP)
 
@@ -27,6 +29,15 @@ embedded: $(STAMP)
 
 reproduce: $(STAMP)
 	$(PY) -m decoflow_core.pipeline --data $(DATA) --profile $(PROFILE) --seeds $(SEEDS) --quick $(QUICK)
+
+# the cpu profile's task_lr, chosen by validation NLL (10% of train/good held out); ~12 min on 2 cores
+select: $(STAMP)
+	$(PY) -m decoflow_core select --grid $(TASK_LRS) --out runs/selection
+	cp runs/selection/embedded/selection-decoflow-task_lr.csv results/selection_task_lr_embedded.csv
+	if [ -d $(REAL_AD) ]; then \
+	  $(PY) -m decoflow_core select --data $(REAL_AD) --tasks bottle,magnetic_tile --grid $(TASK_LRS) --out runs/selection && \
+	  cp runs/selection/$$(basename $(REAL_AD))/selection-decoflow-task_lr.csv results/selection_task_lr_real_ad.csv; \
+	fi
 
 clean-runs:
 	rm -rf runs

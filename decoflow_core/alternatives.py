@@ -3,7 +3,7 @@
 
 The paper names these comparisons but gives no architecture, size or objective for them; everything
 below is our reading. What all four share with DeCoFlow: the same patch features, the same training
-loop (``methods.fit``: AdamP, the profile's epochs, batch size and lr, no epoch selection), the
+loop (``methods.fit``: AdamP, the profile's epochs, batch size, lr and task_lr, no epoch selection), the
 prototype router for task-agnostic inference, and the isolation scheme. Task 0 trains the shared
 base together with its own adapter; the base is then frozen for good and every later task trains
 only its own parameters, so earlier tasks' scores never change.
@@ -38,7 +38,7 @@ from torch import nn
 
 from .flow import LoRALinear
 from .losses import tail_aware_loss
-from .methods import Learner, build_flow, fit, training_loss
+from .methods import Learner, build_flow, fit, task_config, training_loss
 
 TEACHER_SEED = 1234  # the ts_lora teacher's weights; fixed, so every run and task has the same teacher
 
@@ -145,7 +145,7 @@ class _LoRALearner(_RoutedLearner):
         params = list(self.net.task_named(task).values())
         if first:
             params += [p for p in self.net.base_named().values() if p.requires_grad]
-        log = fit(self.net, params, features["patch"], self.config, seed=seed, desc=task,
+        log = fit(self.net, params, features["patch"], task_config(self.config, first), seed=seed, desc=task,
                   loss_fn=lambda net, x: self._loss(x))
         self._freeze_base()
         self.router.add_task(task, features["pooled"])
@@ -233,7 +233,7 @@ class FeaturePromptLearner(_RoutedLearner):
             self.flow.requires_grad_(False)
         else:
             self.prompts[task] = nn.Parameter(torch.zeros(patches.shape[1:], device=self.device))
-            log = fit(self.flow, [self.prompts[task]], patches, self.config, seed=seed, desc=task,
+            log = fit(self.flow, [self.prompts[task]], patches, task_config(self.config, False), seed=seed, desc=task,
                       loss_fn=lambda flow, x: training_loss(flow, self._input(task, x), self.config))
         self.router.add_task(task, features["pooled"])
         return log

@@ -1,4 +1,4 @@
-"""Command line: ``python -m decoflow_core {prepare,info,run,score,report,bench}``.
+"""Command line: ``python -m decoflow_core {prepare,info,run,score,report,select,bench}``.
 
 Bad arguments and bad data end with a one-line ``error: ...`` on stderr and exit code 2.
 """
@@ -77,6 +77,31 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_select(args) -> int:
+    from .experiments import select
+    grid = {}
+    for key, values in parse_sets(args.grid).items():
+        grid[key] = [v for v in values.split(",") if v]
+    if not grid or not all(grid.values()):
+        raise ValueError("select needs at least one --grid key=v1,v2,...")
+    from .config import make_config
+    make_config(args.profile, {**parse_sets(args.set), **{k: v[0] for k, v in grid.items()}})  # fail early
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    best, rows = select(args.out, args.method, grid, data=args.data, tasks=tasks, profile=args.profile,
+                        seed=args.seed, sets=parse_sets(args.set), val_fraction=args.val_fraction,
+                        workers=args.workers)
+    import pandas as pd
+    table = pd.DataFrame(rows)
+    from . import files
+    from .experiments import data_tag
+    target = Path(args.out) / data_tag(args.data) / f"selection-{args.method}-{'-'.join(grid)}.csv"
+    files.write_text(target, table.to_csv(index=False))
+    print(table.drop(columns="run").to_string(index=False))
+    print(f"table written to {target}")
+    print("chosen by validation NLL: " + ", ".join(f"{k}={best[k]}" for k in grid))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import benchmark
     benchmark(data=resolve_data(args.data), task=args.task, profile=args.profile, sets=parse_sets(args.set))
@@ -119,6 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+")
     p.add_argument("--per-task", action="store_true", help="also print per-task final metrics")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("select", help="choose settings by the validation NLL of held-out train/good images")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...", help="candidate values of a config field")
+    p.add_argument("--data", default="embedded")
+    p.add_argument("--tasks", help="comma-separated task order (default: all categories, alphabetical)")
+    p.add_argument("--method", default="decoflow")
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train/good held out (default 0.1)")
+    p.add_argument("--workers", type=int, default=2, help="runs trained in parallel, one thread each")
+    p.add_argument("--out", required=True, help="folder for the candidate runs and OUT/<data>/selection-<method>-<keys>.csv")
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("bench", help="throughput and latency of the cpu profile on this machine")
     p.add_argument("--data", default="embedded")

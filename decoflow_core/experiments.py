@@ -1,11 +1,14 @@
-"""Runs that notebooks share: train once, reuse afterwards.
+"""Runs that notebooks share: train once, reuse afterwards; and settings chosen on held-out data.
 
 ``ensure_run`` returns the run directory of (method, profile, seed, overrides) on a data set,
-training it only when its ``metrics.json`` is missing and resuming a run that was interrupted.
+training it only when its ``metrics.json`` is missing and resuming a run that was interrupted; a
+finished run whose saved config is not what the profile gives now is refused, never reused.
+``select`` picks settings by the validation NLL of held-out train/good images, never by test data.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import time
@@ -15,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from . import files
-from .config import make_config
-from .train import METRICS, run
+from .config import changed_fields, make_config
+from .train import METRICS, RunError, run
 
 
 def run_name(method: str, profile: str, seed: int, sets: dict | None, tag: str | None,
@@ -45,9 +48,13 @@ def ensure_run(run_root, method: str, *, data: str = "embedded", tasks=None, pro
     """``tasks=None`` means every category alphabetically (the default stream)."""
     from .cli import resolve_data
     out = run_dir(run_root, method, data=data, tasks=tasks, profile=profile, seed=seed, sets=sets, tag=tag)
-    if (out / "metrics.json").exists():
-        return out
     config = make_config(profile, {k: str(v) for k, v in (sets or {}).items()})
+    if (out / "metrics.json").exists():
+        changed = changed_fields(files.read_json(out / "config.json")["config"], config)
+        if changed:  # e.g. a profile changed since: never reuse a run the current settings would not give
+            raise RunError(f"{out} was trained with other settings ({', '.join(changed)} differ from the "
+                           f"'{profile}' profile now); delete it (or `make clean-runs`) to retrain")
+        return out
     run(data_root=resolve_data(data), tasks=tasks, method=method, config=config, seed=seed, out=out,
         resume=(out / "progress.json").exists(), progress_bar=progress_bar)
     return out
@@ -90,3 +97,29 @@ def ensure_runs(run_root, jobs: list[dict], workers: int = 2) -> list[Path]:
             out = future.result()  # a failed run raises here, naming its error
             print(f"[{done}/{len(missing)}] trained {Path(out).name} ({time.perf_counter() - start:.0f} s)", flush=True)
     return dirs
+
+
+def select(run_root, method: str, grid: dict[str, list[str]], *, data: str = "embedded", tasks=None,
+           profile: str = "cpu", seed: int = 0, sets: dict | None = None, val_fraction: float = 0.1,
+           workers: int = 2) -> tuple[dict, list[dict]]:
+    """Run every combination of ``grid`` ({key: [values]}) with ``val_fraction`` of each task's
+    train/good images held out, and choose the one with the lowest mean validation patch NLL.
+
+    Only the validation NLL is read: the candidate runs' test metrics play no part. A candidate
+    whose NLL is not finite (a diverged run) is never chosen. Returns (chosen row, all rows).
+    """
+    candidates = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    jobs = [dict(method=method, data=data, tasks=tasks, profile=profile, seed=seed,
+                 sets={**(sets or {}), **candidate, "val_fraction": val_fraction}) for candidate in candidates]
+    rows = []
+    for candidate, out in zip(candidates, ensure_runs(run_root, jobs, workers)):
+        validation = load_metrics(out)["validation"]
+        nll = validation["mean_patch_nll"] if validation else None
+        rows.append({**candidate, "mean_val_nll": nll, "run": str(out)})
+    finite = [r for r in rows if r["mean_val_nll"] is not None and np.isfinite(r["mean_val_nll"])]
+    if not finite:
+        raise ValueError(f"no candidate of {grid} trained to a finite validation NLL")
+    best = min(finite, key=lambda r: r["mean_val_nll"])
+    for row in rows:
+        row["chosen"] = row is best
+    return best, rows

@@ -43,6 +43,14 @@ def training_loss(model: DeCoFlow, x: torch.Tensor, config: Config) -> torch.Ten
     return tail_aware_loss(nll, lambda_tail=config.lambda_tail, top_k=config.top_k)
 
 
+def task_config(config: Config, first: bool) -> Config:
+    """The config a task trains with: after the first task (adapters only, starting from zero)
+    the lr is ``config.task_lr`` when set."""
+    if first or config.task_lr is None:
+        return config
+    return config.replace(lr=config.task_lr)
+
+
 def fit(model: torch.nn.Module, params: list, patches: torch.Tensor, config: Config, *, seed: int,
         penalty=None, replay: torch.Tensor | None = None, desc: str = "train", loss_fn=None) -> dict:
     """Train ``params`` with AdamP for ``config.epochs`` epochs on patch features (N, D, H, W).
@@ -131,7 +139,7 @@ class DeCoFlowLearner(Learner):
         first = not self.model.tasks
         self.model.add_task(task)
         self.model.set_task(task)
-        log = fit(self.model, self.model.trainable_parameters(), features["patch"], self.config,
+        log = fit(self.model, self.model.trainable_parameters(), features["patch"], task_config(self.config, first),
                   seed=seed, desc=task)
         if first and self.config.freeze_base:
             self.model.freeze_base()

@@ -42,6 +42,7 @@ class TaskData:
     category: Category
     train: dict  # {"patch": (N, D, g, g), "pooled": (N, G)}
     test: dict
+    val: dict | None  # train/good images held out by ``config.val_fraction`` (never trained on)
     labels: np.ndarray  # (M,) 0 good / 1 defect
     masks: np.ndarray | None  # (M, S, S) bool at eval_size, None when the category lacks masks
 
@@ -57,7 +58,8 @@ def build_extractor(config: Config) -> FeatureExtractor:
                             feature_dim=config.feature_dim, positional_encoding=config.positional_encoding)
 
 
-def load_task(root: Path, name: str, extractor: FeatureExtractor, config: Config, device: str) -> TaskData:
+def load_task(root: Path, name: str, extractor: FeatureExtractor, config: Config, device: str, *,
+              seed: int = 0) -> TaskData:
     category = load_category(root, name)
     cache = config.feature_cache
     if cache and not Path(cache).is_absolute():
@@ -67,7 +69,34 @@ def load_task(root: Path, name: str, extractor: FeatureExtractor, config: Config
     test = extract_features(extractor, [s.path for s in category.test], desc=f"{name} test", **common)
     labels = np.array([s.label for s in category.test])
     masks = (np.stack([mask_for(s, config.eval_size) for s in category.test]) if category.has_masks else None)
-    return TaskData(name, category, train, test, labels, masks)
+    train, val = hold_out(train, config.val_fraction, seed=seed)
+    return TaskData(name, category, train, test, val, labels, masks)
+
+
+def hold_out(features: dict, fraction: float, *, seed: int) -> tuple[dict, dict | None]:
+    """Split train/good features into (train, validation): round(fraction * N) images, at least
+    one and at most N - 2, drawn with ``seed``. ``fraction`` 0 keeps everything for training."""
+    if not 0.0 <= fraction < 1.0:
+        raise RunError(f"val_fraction must be in [0, 1), got {fraction}")
+    n = len(features["patch"])
+    if fraction == 0.0:
+        return features, None
+    k = min(max(1, round(fraction * n)), n - 2)
+    if k < 1:
+        raise RunError(f"val_fraction={fraction}: {n} training images are too few to hold any out")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val, keep = order[:k].sort().values, order[k:].sort().values
+    split = lambda idx: {key: v[idx] if torch.is_tensor(v) else v for key, v in features.items()}
+    return split(keep), split(val)
+
+
+def validation_nll(learner: Learner, data: TaskData) -> float | None:
+    """Mean patch NLL per feature dimension of the task's held-out train/good images, scored with
+    its own parameters (the true task id). The only score the kit may select settings by."""
+    if data.val is None:
+        return None
+    nll = learner.patch_nll(data.name, data.val["patch"])
+    return float(nll.mean()) / data.val["patch"].shape[1]
 
 
 def evaluate_task(learner: Learner, data: TaskData, config: Config, *, oracle: bool = False) -> dict:
@@ -160,7 +189,11 @@ def summarise(progress: dict, meta: dict, learner: Learner) -> dict:
             for r in routed:
                 confusion[tasks.index(j), tasks.index(r)] += 1
         routing = float(np.trace(confusion) / confusion.sum())
+    validation = progress.get("validation")
+    if validation:
+        validation = {"patch_nll": validation, "mean_patch_nll": float(np.mean(list(validation.values())))}
     return {"method": meta["method"], "tasks": tasks, **scores, "oracle": oracle, "routing_accuracy": routing,
+            "validation": validation,
             "params": learner.params(), "seconds": progress["seconds"], "history": progress["history"],
             "breaks_no_replay": meta["breaks_no_replay"], "continual": continual,
             "backbone": meta["backbone"], "weight_source": meta["weight_source"],
@@ -224,7 +257,7 @@ def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: 
     files.write_json(out / "config.json", meta)
 
     start = time.perf_counter()
-    data = [load_task(data_root, t, extractor, config, device)
+    data = [load_task(data_root, t, extractor, config, device, seed=seed)
             for t in tqdm(tasks, desc="features", disable=not progress_bar)]
     progress["seconds"]["features"] = time.perf_counter() - start
     dim = data[0].train["patch"].shape[1]
@@ -250,6 +283,10 @@ def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: 
         else:
             log = learner.learn(task, data[step].train, seed=seed * 1000 + step)
         progress["seconds"]["train"][task] = time.perf_counter() - start
+        if config.val_fraction:  # right after learning, with the task's own parameters
+            progress.setdefault("validation", {})
+            for j in (range(len(tasks)) if method == "joint" else [step]):
+                progress["validation"][tasks[j]] = validation_nll(learner, data[j])
         progress["history"][task] = log
 
         start = time.perf_counter()

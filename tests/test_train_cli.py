@@ -23,13 +23,13 @@ from decoflow_core.config import ConfigError, make_config
 from decoflow_core.methods import DeCoFlowLearner
 from decoflow_core.train import METRICS
 
-from conftest import TINY_CATEGORIES, TINY_TEST_COUNT
+from conftest import N_TRAIN, TINY_CATEGORIES, TINY_TEST_COUNT
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_TASKS = ["checker", "gradient", "noise"]  # "noise" is the category without masks
 TWO_TASKS = ["gradient", "noise"]
 REQUIRED_KEYS = {"method", "tasks", "final", "mean", "forgetting", "bwt", "routing_accuracy", "params", "seconds"}
-DOCUMENTED_EXTRA_KEYS = {"oracle", "history", "breaks_no_replay", "continual", "backbone", "weight_source"}
+DOCUMENTED_EXTRA_KEYS = {"oracle", "validation", "history", "breaks_no_replay", "continual", "backbone", "weight_source"}
 
 
 def run_argv(data, out, smoke_args, *, method="decoflow", tasks=ALL_TASKS, extra=()) -> list[str]:
@@ -198,6 +198,46 @@ def test_routed_run_records_the_oracle_scores_of_the_same_model(run_method, tiny
     assert misrouted["oracle"]["final"] == oracle_run["final"]
     assert misrouted["oracle"]["forgetting"]["image_auroc"] == 0.0
     assert misrouted["final"] != oracle_run["final"]
+
+
+def test_hold_out_draws_a_disjoint_seeded_share_of_the_training_images():
+    features = {"patch": torch.arange(20.0).view(20, 1, 1, 1), "pooled": torch.arange(20.0).view(20, 1),
+                "cached": True}
+    train_part, val = train.hold_out(features, 0.25, seed=3)
+    kept, held = train_part["patch"].flatten().tolist(), val["patch"].flatten().tolist()
+    assert len(held) == 5 and len(kept) == 15 and sorted(kept + held) == list(range(20))
+    assert val["pooled"].flatten().tolist() == held and val["cached"] is True  # rows stay paired
+    assert train.hold_out(features, 0.25, seed=3)[1]["patch"].flatten().tolist() == held
+    assert train.hold_out(features, 0.25, seed=4)[1]["patch"].flatten().tolist() != held
+    assert train.hold_out(features, 0.0, seed=3) == (features, None)
+    assert len(train.hold_out(features, 0.01, seed=3)[1]["patch"]) == 1  # at least one image
+    with pytest.raises(train.RunError, match="val_fraction"):
+        train.hold_out(features, 1.0, seed=0)
+    with pytest.raises(train.RunError, match="too few"):
+        train.hold_out({"patch": torch.zeros(2, 1, 1, 1)}, 0.5, seed=0)
+
+
+def test_validation_images_are_held_out_and_later_tasks_train_at_task_lr(tiny_tree, smoke_args, tmp_path,
+                                                                          monkeypatch):
+    from decoflow_core import methods
+    seen = []  # (training images, lr) of every fit call
+    real_fit = methods.fit
+    monkeypatch.setattr(methods, "fit", lambda model, params, patches, config, **kw: (
+        seen.append((len(patches), config.lr)), real_fit(model, params, patches, config, **kw))[1])
+    out = tmp_path / "validated"
+    extra = ("--set", "val_fraction=0.25", "--set", "task_lr=0.004")
+    assert main(run_argv(tiny_tree, out, smoke_args, extra=extra)) == 0
+    n_val = round(0.25 * N_TRAIN)
+    assert seen == [(N_TRAIN - n_val, 1e-3), (N_TRAIN - n_val, 0.004), (N_TRAIN - n_val, 0.004)]
+    validation = read_json(out / "metrics.json")["validation"]
+    assert set(validation["patch_nll"]) == set(ALL_TASKS)
+    assert all(math.isfinite(v) for v in validation["patch_nll"].values())
+    assert validation["mean_patch_nll"] == pytest.approx(np.mean(list(validation["patch_nll"].values())))
+    assert read_json(out / "config.json")["config"]["val_fraction"] == 0.25
+
+
+def test_a_run_without_a_validation_split_records_none(run_method):
+    assert read_json(run_method("decoflow") / "metrics.json")["validation"] is None
 
 
 def _tensors_equal(a, b) -> bool:
@@ -439,3 +479,59 @@ def test_set_values_of_the_wrong_type_are_refused(pair, expected_type):
 def test_none_is_refused_for_a_field_that_cannot_be_none():
     with pytest.raises(ConfigError, match="epochs"):
         make_config("smoke", {"epochs": "none"})
+
+
+# ----------------------------------------------------------------------------- select (validation NLL)
+
+
+def test_select_cli_chooses_the_lowest_validation_nll_and_writes_its_table(tiny_tree, smoke_args, tmp_path, capsys):
+    argv = ["select", "--data", str(tiny_tree), "--tasks", "checker,gradient", "--grid", "task_lr=0.001,0.01",
+            "--val-fraction", "0.25", "--workers", "1", "--out", str(tmp_path), *smoke_args]
+    assert main(argv) == 0
+    table = (tmp_path / tiny_tree.name / "selection-decoflow-task_lr.csv").read_text().strip().splitlines()
+    assert table[0] == "task_lr,mean_val_nll,run,chosen" and len(table) == 3
+    rows = [line.split(",") for line in table[1:]]
+    assert [r[0] for r in rows] == ["0.001", "0.01"] and [r[3] for r in rows].count("True") == 1
+    nll = {r[0]: float(r[1]) for r in rows}
+    chosen = min(nll, key=nll.get)
+    assert dict((r[0], r[3]) for r in rows)[chosen] == "True"
+    assert f"chosen by validation NLL: task_lr={chosen}" in capsys.readouterr().out
+    for r in rows:  # each candidate is an ordinary run directory that held 25% of train/good out
+        config = read_json(Path(r[2]) / "config.json")["config"]
+        assert config["val_fraction"] == 0.25 and config["task_lr"] == float(r[0])
+
+
+def test_select_reads_only_validation_nll_and_never_picks_a_diverged_run(monkeypatch, tmp_path):
+    from decoflow_core import experiments
+    nll = {"a": 0.5, "b": float("nan"), "c": float("-inf"), "d": 0.2, "e": float("inf")}
+    monkeypatch.setattr(experiments, "ensure_runs", lambda root, jobs, workers: [
+        Path(job["sets"]["x"]) for job in jobs])
+    # no test metrics in these runs at all: selection cannot read them
+    monkeypatch.setattr(experiments, "load_metrics", lambda d: {"validation": {"mean_patch_nll": nll[str(d)]}})
+    best, rows = experiments.select(tmp_path, "decoflow", {"x": list(nll)})
+    assert best["x"] == "d" and [r["chosen"] for r in rows] == [False, False, False, True, False]
+    monkeypatch.setattr(experiments, "load_metrics", lambda d: {"validation": {"mean_patch_nll": float("nan")}})
+    with pytest.raises(ValueError, match="finite validation NLL"):
+        experiments.select(tmp_path, "decoflow", {"x": ["a", "b"]})
+
+
+def test_select_without_a_grid_exits_2(tiny_tree, tmp_path, capsys):
+    assert main(["select", "--data", str(tiny_tree), "--out", str(tmp_path)]) == 2
+    assert "--grid" in error_line(capsys)
+
+
+def test_a_finished_run_with_other_settings_is_refused_not_reused(tiny_tree, smoke_args, tmp_path):
+    from decoflow_core import experiments
+    sets = {"feature_cache": smoke_args[smoke_args.index("--set") + 1].split("=", 1)[1], "image_size": 64,
+            "device": "cpu", "num_threads": 1}
+    out = experiments.ensure_run(tmp_path, "decoflow", data=str(tiny_tree), tasks=["checker"], profile="smoke",
+                                 sets=sets)
+    assert experiments.ensure_run(tmp_path, "decoflow", data=str(tiny_tree), tasks=["checker"], profile="smoke",
+                                  sets=sets) == out  # the same settings: reused
+    saved = read_json(out / "config.json")
+    del saved["config"]["val_fraction"]  # written before the field existed: counts as its default (0.0)
+    saved["config"]["task_lr"] = 0.5  # as if the profile had changed since
+    (out / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(train.RunError, match=r"\(task_lr differ") as err:
+        experiments.ensure_run(tmp_path, "decoflow", data=str(tiny_tree), tasks=["checker"], profile="smoke", sets=sets)
+    assert str(out) in str(err.value)
