@@ -11,7 +11,7 @@ QUICK   ?= 0
 REAL_AD ?= ../shared/data/real_ad
 TASK_LRS = task_lr=1e-3,3e-3,1e-2,3e-2
 
-.PHONY: setup test reproduce select embedded clean-runs
+.PHONY: setup test reproduce select real-ad embedded clean-runs
 
 setup: $(STAMP)
 
@@ -38,6 +38,21 @@ select: $(STAMP)
 	  $(PY) -m decoflow_core select --data $(REAL_AD) --tasks bottle,magnetic_tile --grid $(TASK_LRS) --out runs/selection && \
 	  cp runs/selection/$$(basename $(REAL_AD))/selection-decoflow-task_lr.csv results/selection_task_lr_real_ad.csv; \
 	fi
+
+# issue 4's real-data check: decoflow over 3 seeds, the standardize=false analysis, independent and
+# the PaDiM-style reference on bottle -> magnetic_tile; the table goes to results/real_ad.md (~8 min)
+REAL_RUN = $(PY) -m decoflow_core run --data $(REAL_AD) --tasks bottle,magnetic_tile --resume
+real-ad: $(STAMP)
+	for seed in 0 1 2; do \
+	  $(REAL_RUN) --seed $$seed --out runs/real_ad/decoflow-s$$seed > /dev/null && \
+	  $(REAL_RUN) --seed $$seed --set standardize=false --out runs/real_ad/decoflow-nostd-s$$seed > /dev/null || exit 1; \
+	done
+	for method in independent padim; do \
+	  $(REAL_RUN) --method $$method --out runs/real_ad/$$method-s0 > /dev/null || exit 1; \
+	done
+	$(PY) -m decoflow_core report --per-task runs/real_ad/decoflow-s? runs/real_ad/decoflow-nostd-s? \
+	  runs/real_ad/independent-s0 runs/real_ad/padim-s0 > results/real_ad.md
+	cat results/real_ad.md
 
 clean-runs:
 	rm -rf runs

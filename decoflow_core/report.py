@@ -42,9 +42,13 @@ def format_report(run_dirs, per_task: bool = False) -> str:
                    "padim": "it keeps one Gaussian model per task and is given the task id"}.get(m["method"], "")
             notes.append(f"{Path(run_dir).name}: {m['method']} is a reference, not continual: {why}.")
         if per_task:
+            by_defect = m.get("final_by_defect") or {}
             for task, values in m["final"].items():
                 rows.append(["", f"  {task}", "", _fmt(values["image_auroc"]), _fmt(values["pixel_auroc"]),
                              _fmt(values["pixel_ap"]), "", "", "", "", ""])
+                if len(by_defect.get(task, {})) > 1:  # good against each defect type alone
+                    rows += [["", f"    {kind}", "", _fmt(v), "", "", "", "", "", "", ""]
+                             for kind, v in by_defect[task].items()]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     table = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]

@@ -25,7 +25,7 @@ from .config import Config, as_dict
 from .data import DataError, Category, list_categories, load_category, mask_for
 from .features import extract_features
 from .methods import METHODS, Learner, make_learner
-from .metrics import backward_transfer, forgetting, image_auroc, pixel_auroc_ap
+from .metrics import backward_transfer, forgetting, image_auroc, image_auroc_by_type, pixel_auroc_ap
 from .scoring import anomaly_map, image_score
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
@@ -112,7 +112,8 @@ def evaluate_task(learner: Learner, data: TaskData, config: Config, *, oracle: b
         nll[idx] = learner.patch_nll(task, data.test["patch"][idx])
     scores = image_score(nll, mode=config.score_mode, k=config.score_k)
     result = {"image_auroc": image_auroc(data.labels, scores.numpy()), "pixel_auroc": float("nan"),
-              "pixel_ap": float("nan"), "routed": routed}
+              "pixel_ap": float("nan"), "routed": routed,
+              "by_defect": image_auroc_by_type([s.defect_type for s in data.category.test], scores.numpy())}
     if data.masks is not None:
         sigma = config.map_sigma * config.eval_size / config.image_size
         maps = anomaly_map(nll, config.eval_size, sigma=sigma).numpy()
@@ -193,7 +194,7 @@ def summarise(progress: dict, meta: dict, learner: Learner) -> dict:
     if validation:
         validation = {"patch_nll": validation, "mean_patch_nll": float(np.mean(list(validation.values())))}
     return {"method": meta["method"], "tasks": tasks, **scores, "oracle": oracle, "routing_accuracy": routing,
-            "validation": validation,
+            "validation": validation, "final_by_defect": progress.get("final_by_defect"),
             "params": learner.params(), "seconds": progress["seconds"], "history": progress["history"],
             "breaks_no_replay": meta["breaks_no_replay"], "continual": continual,
             "backbone": meta["backbone"], "weight_source": meta["weight_source"],
@@ -295,6 +296,7 @@ def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: 
             result = evaluate_task(learner, data[j], config)
             row[tasks[j]] = _recorded(result)
             progress["final_routing"][tasks[j]] = result["routed"]
+            progress.setdefault("final_by_defect", {})[tasks[j]] = result["by_defect"]
             if routed_run:  # the same model given the true task id; identical inputs when routing was right
                 if any(r != tasks[j] for r in result["routed"]):
                     result = evaluate_task(learner, data[j], config, oracle=True)

@@ -1,8 +1,9 @@
 import math
 
 import numpy as np
+import pytest
 
-from decoflow_core.metrics import backward_transfer, forgetting, image_auroc, pixel_auroc_ap
+from decoflow_core.metrics import backward_transfer, forgetting, image_auroc, image_auroc_by_type, pixel_auroc_ap
 
 NAN = float("nan")
 
@@ -52,3 +53,14 @@ def test_pixel_metrics_equal_sklearn_with_ties():
     auroc, ap = pixel_auroc_ap(masks, maps)
     assert math.isclose(auroc, roc_auc_score(masks.ravel(), maps.ravel()), rel_tol=1e-12)
     assert math.isclose(ap, average_precision_score(masks.ravel(), maps.ravel()), rel_tol=1e-12)
+
+
+def test_image_auroc_by_type_scores_each_defect_type_against_the_good_images_alone():
+    types = ["good", "good", "crack", "crack", "hole", "good"]
+    scores = [0.1, 0.5, 0.9, 0.3, 0.6, 0.2]
+    by_type = image_auroc_by_type(types, scores)
+    assert list(by_type) == ["crack", "hole"]
+    # crack 0.9 beats all three good scores, 0.3 beats 0.1 and 0.2: 5 of 6 pairs
+    assert by_type["crack"] == pytest.approx(5 / 6)
+    assert by_type["hole"] == pytest.approx(1.0)  # 0.6 above 0.1, 0.5, 0.2
+    assert image_auroc_by_type(["good", "good"], [0.1, 0.2]) == {}

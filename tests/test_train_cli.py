@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 ALL_TASKS = ["checker", "gradient", "noise"]  # "noise" is the category without masks
 TWO_TASKS = ["gradient", "noise"]
 REQUIRED_KEYS = {"method", "tasks", "final", "mean", "forgetting", "bwt", "routing_accuracy", "params", "seconds"}
-DOCUMENTED_EXTRA_KEYS = {"oracle", "validation", "history", "breaks_no_replay", "continual", "backbone", "weight_source"}
+DOCUMENTED_EXTRA_KEYS = {"oracle", "validation", "final_by_defect", "history", "breaks_no_replay", "continual", "backbone", "weight_source"}
 
 
 def run_argv(data, out, smoke_args, *, method="decoflow", tasks=ALL_TASKS, extra=()) -> list[str]:
@@ -99,6 +99,11 @@ def test_decoflow_run_directory_holds_config_metrics_matrices_and_checkpoints(ru
     assert metrics["params"]["per_task_ratio"] == pytest.approx(
         metrics["params"]["per_task"] / metrics["params"]["base"])
     assert set(metrics["seconds"]["train"]) == set(ALL_TASKS)
+    assert {t: list(v) for t, v in metrics["final_by_defect"].items()} == {
+        t: [TINY_CATEGORIES[t][0]] for t in ALL_TASKS}  # one defect type per tiny category
+    for task in ALL_TASKS:  # with one defect type its AUROC is the task's image AUROC
+        assert metrics["final_by_defect"][task][TINY_CATEGORIES[task][0]] == pytest.approx(
+            metrics["final"][task]["image_auroc"])
 
     # the mean is over the final row of R, the no-mask category left out of the pixel mean
     final = metrics["final"]
