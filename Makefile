@@ -30,10 +30,13 @@ embedded: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) -m decoflow_core.pipeline --data $(DATA) --profile $(PROFILE) --seeds $(SEEDS) --quick $(QUICK)
 
-# the cpu profile's task_lr, chosen by validation NLL (10% of train/good held out); ~12 min on 2 cores
+# the cpu profile's task_lr, chosen by validation NLL (10% of train/good held out), and the check of
+# independent's lr; ~17 min on 2 cores
 select: $(STAMP)
 	$(PY) -m decoflow_core select --grid $(TASK_LRS) --out runs/selection
 	cp runs/selection/embedded/selection-decoflow-task_lr.csv results/selection_task_lr_embedded.csv
+	$(PY) -m decoflow_core select --method independent --grid lr=1e-3,3e-3 --out runs/selection
+	cp runs/selection/embedded/selection-independent-lr.csv results/selection_independent_lr_embedded.csv
 	if [ -d $(REAL_AD) ]; then \
 	  $(PY) -m decoflow_core select --data $(REAL_AD) --tasks bottle,magnetic_tile --grid $(TASK_LRS) --out runs/selection && \
 	  cp runs/selection/$$(basename $(REAL_AD))/selection-decoflow-task_lr.csv results/selection_task_lr_real_ad.csv; \
