@@ -145,8 +145,8 @@ class _LoRALearner(_RoutedLearner):
         params = list(self.net.task_named(task).values())
         if first:
             params += [p for p in self.net.base_named().values() if p.requires_grad]
-        log = fit(self.net, params, features["patch"], task_config(self.config, first), seed=seed, desc=task,
-                  loss_fn=lambda net, x: self._loss(x))
+        log = fit(self.net, params, features["patch"], task_config(self.config, first), seed=seed,
+                  desc=task, loss_fn=lambda net, x: self._loss(x))
         self._freeze_base()
         self.router.add_task(task, features["pooled"])
         return log
@@ -233,8 +233,8 @@ class FeaturePromptLearner(_RoutedLearner):
             self.flow.requires_grad_(False)
         else:
             self.prompts[task] = nn.Parameter(torch.zeros(patches.shape[1:], device=self.device))
-            log = fit(self.flow, [self.prompts[task]], patches, task_config(self.config, False), seed=seed, desc=task,
-                      loss_fn=lambda flow, x: training_loss(flow, self._input(task, x), self.config))
+            log = fit(self.flow, [self.prompts[task]], patches, task_config(self.config, False), seed=seed,
+                      desc=task, loss_fn=lambda flow, x: training_loss(flow, self._input(task, x), self.config))
         self.router.add_task(task, features["pooled"])
         return log
 

@@ -30,6 +30,11 @@ def parse_sets(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def parse_tasks(spec: str | None) -> list[str] | None:
+    """``a,b,c`` -> ["a", "b", "c"]; None (every category, alphabetically) when not given."""
+    return [t for t in spec.split(",") if t] if spec else None
+
+
 def cmd_prepare(args) -> int:
     if args.what == "embedded":
         from .embedded import build_embedded
@@ -56,9 +61,8 @@ def cmd_run(args) -> int:
     from .config import make_config
     from .train import run
     config = make_config(args.profile, parse_sets(args.set))
-    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-    metrics = run(data_root=resolve_data(args.data), tasks=tasks, method=args.method, config=config,
-                  seed=args.seed, out=args.out, resume=args.resume)
+    metrics = run(data_root=resolve_data(args.data), tasks=parse_tasks(args.tasks), method=args.method,
+                  config=config, seed=args.seed, out=args.out, resume=args.resume)
     from .report import format_report
     print(format_report([args.out]))
     return 0 if metrics else 1
@@ -78,22 +82,19 @@ def cmd_report(args) -> int:
 
 
 def cmd_select(args) -> int:
-    from .experiments import select
-    grid = {}
-    for key, values in parse_sets(args.grid).items():
-        grid[key] = [v for v in values.split(",") if v]
+    import pandas as pd
+    from . import files
+    from .config import make_config
+    from .experiments import data_tag, select
+    grid = {key: [v for v in values.split(",") if v] for key, values in parse_sets(args.grid).items()}
     if not grid or not all(grid.values()):
         raise ValueError("select needs at least one --grid key=v1,v2,...")
-    from .config import make_config
-    make_config(args.profile, {**parse_sets(args.set), **{k: v[0] for k, v in grid.items()}})  # fail early
-    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-    best, rows = select(args.out, args.method, grid, data=args.data, tasks=tasks, profile=args.profile,
-                        seed=args.seed, sets=parse_sets(args.set), val_fraction=args.val_fraction,
+    sets = parse_sets(args.set)
+    make_config(args.profile, {**sets, **{k: v[0] for k, v in grid.items()}})  # bad keys fail before training
+    best, rows = select(args.out, args.method, grid, data=args.data, tasks=parse_tasks(args.tasks),
+                        profile=args.profile, seed=args.seed, sets=sets, val_fraction=args.val_fraction,
                         workers=args.workers)
-    import pandas as pd
     table = pd.DataFrame(rows)
-    from . import files
-    from .experiments import data_tag
     target = Path(args.out) / data_tag(args.data) / f"selection-{args.method}-{'-'.join(grid)}.csv"
     files.write_text(target, table.to_csv(index=False))
     print(table.drop(columns="run").to_string(index=False))

@@ -139,8 +139,8 @@ class DeCoFlowLearner(Learner):
         first = not self.model.tasks
         self.model.add_task(task)
         self.model.set_task(task)
-        log = fit(self.model, self.model.trainable_parameters(), features["patch"], task_config(self.config, first),
-                  seed=seed, desc=task)
+        log = fit(self.model, self.model.trainable_parameters(), features["patch"],
+                  task_config(self.config, first), seed=seed, desc=task)
         if first and self.config.freeze_base:
             self.model.freeze_base()
         self.router.add_task(task, features["pooled"])

@@ -26,10 +26,8 @@ def image_auroc(labels, scores) -> float:
 def image_auroc_by_type(types, scores, good: str = "good") -> dict[str, float]:
     """{defect type: image AUROC of the good images against that type's images alone}."""
     types, scores = np.asarray(types), np.asarray(scores, dtype=np.float64)
-    normal = types == good
-    return {t: image_auroc(np.r_[np.zeros(normal.sum()), np.ones((types == t).sum())],
-                           np.r_[scores[normal], scores[types == t]])
-            for t in sorted(set(types.tolist()) - {good})}
+    pairs = {t: (types == good) | (types == t) for t in sorted(set(types.tolist()) - {good})}
+    return {t: image_auroc(types[keep] == t, scores[keep]) for t, keep in pairs.items()}
 
 
 def pixel_auroc_ap(masks, maps) -> tuple[float, float]:
