@@ -93,13 +93,14 @@ def cmd_select(args) -> int:
     make_config(args.profile, {**sets, **{k: v[0] for k, v in grid.items()}})  # bad keys fail before training
     best, rows = select(args.out, args.method, grid, data=args.data, tasks=parse_tasks(args.tasks),
                         profile=args.profile, seed=args.seed, sets=sets, val_fraction=args.val_fraction,
-                        workers=args.workers)
+                        workers=args.workers, criterion=args.criterion)
     table = pd.DataFrame(rows)
     target = Path(args.out) / data_tag(args.data) / f"selection-{args.method}-{'-'.join(grid)}.csv"
     files.write_text(target, table.to_csv(index=False))
     print(table.drop(columns="run").to_string(index=False))
     print(f"table written to {target}")
-    print("chosen by validation NLL: " + ", ".join(f"{k}={best[k]}" for k in grid))
+    label = {"nll": "validation NLL", "synthetic": "validation synthetic-defect AUROC"}[args.criterion]
+    print(f"chosen by {label}: " + ", ".join(f"{k}={best[k]}" for k in grid))
     return 0
 
 
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task", action="store_true", help="also print per-task final metrics")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("select", help="choose settings by the validation NLL of held-out train/good images")
+    p = sub.add_parser("select", help="choose settings by validation scores of held-out train/good images")
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...", help="candidate values of a config field")
     p.add_argument("--data", default="embedded")
     p.add_argument("--tasks", help="comma-separated task order (default: all categories, alphabetical)")
@@ -156,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train/good held out (default 0.1)")
     p.add_argument("--workers", type=int, default=2, help="runs trained in parallel, one thread each")
+    p.add_argument("--criterion", choices=["nll", "synthetic"], default="nll",
+                   help="nll: lowest validation NLL (same flow input); synthetic: highest AUROC of held-out "
+                        "images against synthetic defects (settings that change the flow input)")
     p.add_argument("--out", required=True, help="folder for the candidate runs and OUT/<data>/selection-<method>-<keys>.csv")
     p.set_defaults(func=cmd_select)
 

@@ -40,6 +40,7 @@ class Config:
     batch_size: int = 16
     lr: float = 3e-4
     task_lr: float | None = None  # decoflow: lr of every task after the first (the adapters); None = lr
+    independent_lr: float | None = None  # the `independent` baseline's lr (a whole flow per task); None = lr
     weight_decay: float = 0.0
     val_fraction: float = 0.0  # share of each task's train/good held out for validation NLL (never trained on)
     # router (Sec. 3.8)
@@ -67,10 +68,13 @@ class Config:
 PROFILES: dict[str, dict] = {
     "paper": {},
     # eval_size 128: the embedded benchmark's native resolution; upsampling its masks adds nothing
-    # task_lr 1e-2: chosen by validation NLL (10% of train/good held out) over 1e-3, 3e-3, 1e-2, 3e-2
-    # on the embedded stream and on real_ad alike (results/selection_task_lr_*.csv; README "Settings")
-    "cpu": dict(backbone="efficientnet_lite0", feature_dim=None, hidden_ratio=0.5, rank=16,
-                epochs=8, batch_size=16, lr=1e-3, task_lr=1e-2, eval_size=128),
+    # standardize False (TSA without Eq. 7's per-patch LayerNorm; gamma/beta kept): chosen by the AUROC of
+    # held-out train/good images against synthetic defects, on the embedded stream and on real_ad alike
+    # (results/selection_standardize_*.csv). Then task_lr by validation NLL (10% of train/good held out)
+    # over 1e-3, 3e-3, 1e-2, 3e-2 on both (results/selection_task_lr_*.csv; README "Settings"), and the
+    # independent baseline's lr by validation NLL over 1e-3, 3e-3 (results/selection_independent_lr_embedded.csv)
+    "cpu": dict(backbone="efficientnet_lite0", feature_dim=None, hidden_ratio=0.5, rank=16, standardize=False,
+                epochs=8, batch_size=16, lr=1e-3, task_lr=1e-2, independent_lr=3e-3, eval_size=128),
     "smoke": dict(backbone="efficientnet_lite0", feature_dim=None, n_dcs=2, n_acl=1, rank=4,
                   hidden_ratio=0.25, epochs=1, batch_size=8, lr=1e-3, eval_size=64),
 }
@@ -120,8 +124,14 @@ def as_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
-def changed_fields(saved: dict, config: Config) -> list[str]:
+# fields only some methods read: a saved run of any other method does not depend on them
+METHOD_ONLY = {"independent_lr": ("independent",)}
+
+
+def changed_fields(saved: dict, config: Config, method: str | None = None) -> list[str]:
     """Fields where a saved config (``config.json`` -> ``config``) differs from ``config``; a field
-    the saved one lacks (written before the field existed) counts as its default."""
+    the saved one lacks (written before the field existed) counts as its default. Given the run's
+    ``method``, fields that method does not read (``METHOD_ONLY``) are left out."""
     default = as_dict(Config())
-    return [key for key, value in as_dict(config).items() if saved.get(key, default[key]) != value]
+    return [key for key, value in as_dict(config).items() if saved.get(key, default[key]) != value
+            and (method is None or method in METHOD_ONLY.get(key, (method,)))]

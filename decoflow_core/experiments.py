@@ -50,7 +50,7 @@ def ensure_run(run_root, method: str, *, data: str = "embedded", tasks=None, pro
     out = run_dir(run_root, method, data=data, tasks=tasks, profile=profile, seed=seed, sets=sets, tag=tag)
     config = make_config(profile, {k: str(v) for k, v in (sets or {}).items()})
     if (out / "metrics.json").exists():
-        changed = changed_fields(files.read_json(out / "config.json")["config"], config)
+        changed = changed_fields(files.read_json(out / "config.json")["config"], config, method)
         if changed:  # e.g. a profile changed since: never reuse a run the current settings would not give
             raise RunError(f"{out} was trained with other settings ({', '.join(changed)} differ from the "
                            f"'{profile}' profile now); delete it (or `make clean-runs`) to retrain")
@@ -99,27 +99,37 @@ def ensure_runs(run_root, jobs: list[dict], workers: int = 2) -> list[Path]:
     return dirs
 
 
+CRITERIA = {"nll": ("mean_patch_nll", min), "synthetic": ("mean_synthetic_auroc", max)}
+
+
 def select(run_root, method: str, grid: dict[str, list[str]], *, data: str = "embedded", tasks=None,
            profile: str = "cpu", seed: int = 0, sets: dict | None = None, val_fraction: float = 0.1,
-           workers: int = 2) -> tuple[dict, list[dict]]:
+           workers: int = 2, criterion: str = "nll") -> tuple[dict, list[dict]]:
     """Run every combination of ``grid`` ({key: [values]}) with ``val_fraction`` of each task's
-    train/good images held out, and choose the one with the lowest mean validation patch NLL.
+    train/good images held out, and choose by a validation score of those images (``train.validation_scores``):
+    ``nll`` -- the lowest mean patch NLL (settings that model the same flow input), or
+    ``synthetic`` -- the highest mean AUROC against synthetic defects (settings that change the input).
 
-    Only the validation NLL is read: the candidate runs' test metrics play no part. A candidate
-    whose NLL is not finite (a diverged run) is never chosen. Returns (chosen row, all rows).
+    Only validation scores are read: the candidate runs' test metrics play no part. A candidate whose
+    score is not finite (a diverged run) is never chosen. Returns (chosen row, all rows).
     """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    key, best_of = CRITERIA[criterion]
     candidates = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     jobs = [dict(method=method, data=data, tasks=tasks, profile=profile, seed=seed,
                  sets={**(sets or {}), **candidate, "val_fraction": val_fraction}) for candidate in candidates]
     rows = []
     for candidate, out in zip(candidates, ensure_runs(run_root, jobs, workers)):
-        validation = load_metrics(out)["validation"]
-        nll = validation["mean_patch_nll"] if validation else None
-        rows.append({**candidate, "mean_val_nll": nll, "run": str(out)})
-    finite = [r for r in rows if r["mean_val_nll"] is not None and np.isfinite(r["mean_val_nll"])]
+        validation = load_metrics(out)["validation"] or {}
+        rows.append({**candidate, "mean_val_nll": validation.get("mean_patch_nll"),
+                     "mean_val_synthetic_auroc": validation.get("mean_synthetic_auroc"), "run": str(out)})
+    column = {"nll": "mean_val_nll", "synthetic": "mean_val_synthetic_auroc"}[criterion]
+    finite = [r for r in rows if r[column] is not None and np.isfinite(r[column])]
     if not finite:
-        raise ValueError(f"no candidate of {grid} trained to a finite validation NLL")
-    best = min(finite, key=lambda r: r["mean_val_nll"])
+        raise ValueError(f"no candidate of {grid} has a finite {key} (diverged, or a run from before "
+                         f"the kit recorded it: delete those runs under {run_root} and select again)")
+    best = best_of(finite, key=lambda r: r[column])
     for row in rows:
         row["chosen"] = row is best
     return best, rows

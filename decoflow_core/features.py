@@ -45,14 +45,8 @@ def extract_features(extractor: FeatureExtractor, paths: list[Path], *, image_si
         if cache_file.exists():
             stored = torch.load(cache_file, map_location="cpu", weights_only=True)
             return {"patch": stored["patch"].float(), "pooled": stored["pooled"], "cached": True}
-    extractor = extractor.to(device)
-    patches, pooled = [], []
-    for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", leave=False):
-        batch = load_batch(paths[start:start + batch_size], image_size).to(device)
-        patch, pool = extractor(batch)
-        patches.append(patch.cpu())
-        pooled.append(pool.cpu())
-    result = {"patch": torch.cat(patches), "pooled": torch.cat(pooled), "cached": False}
+    result = _extract(extractor, lambda i, j: load_batch(paths[i:j], image_size), len(paths),
+                      batch_size=batch_size, desc=desc, device=device)
     if cache_file is not None:
         # half precision halves the cache; the first run uses the same rounded values as cached runs
         result["patch"] = result["patch"].half()
@@ -60,3 +54,21 @@ def extract_features(extractor: FeatureExtractor, paths: list[Path], *, image_si
                                  "paths": [str(p) for p in paths]})
         result["patch"] = result["patch"].float()
     return result
+
+
+def array_features(extractor: FeatureExtractor, images: list[np.ndarray], *, batch_size: int = 32,
+                   device: str = "cpu") -> dict:
+    """Like ``extract_features`` for in-memory (S, S, 3) uint8 images (e.g. synthetic defects); not cached."""
+    to_batch = lambda i, j: torch.from_numpy(np.stack(images[i:j])).permute(0, 3, 1, 2).float()
+    return _extract(extractor, to_batch, len(images), batch_size=batch_size, desc="synthetic", device=device)
+
+
+def _extract(extractor: FeatureExtractor, batch_of, n: int, *, batch_size: int, desc: str, device: str) -> dict:
+    """Run the extractor over images ``batch_of(i, j)`` for i, j stepping through range(n)."""
+    extractor = extractor.to(device)
+    patches, pooled = [], []
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
+        patch, pool = extractor(batch_of(start, start + batch_size).to(device))
+        patches.append(patch.cpu())
+        pooled.append(pool.cpu())
+    return {"patch": torch.cat(patches), "pooled": torch.cat(pooled), "cached": False}

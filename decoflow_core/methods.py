@@ -252,7 +252,8 @@ class IndependentLearner(Learner):
 
     def learn(self, task, features, *, seed):
         model = self._new(task)
-        log = fit(model, list(model.parameters()), features["patch"], self.config, seed=seed, desc=task)
+        config = self.config if self.config.independent_lr is None else self.config.replace(lr=self.config.independent_lr)
+        log = fit(model, list(model.parameters()), features["patch"], config, seed=seed, desc=task)
         self.router.add_task(task, features["pooled"])
         return log
 

@@ -23,7 +23,9 @@ class TaskAlignment(nn.Module):
     affine map with bounded gamma_t = 0.5 + 1.5 sigmoid(gamma_raw) in [0.5, 2] (Eq. 8) and
     beta_t = 2 tanh(beta_raw) in [-2, 2] (Eq. 9); out = gamma_t * x + beta_t (Eq. 10).
     Raw values start at logit(1/3) and 0, i.e. gamma ~= 1, beta = 0. `standardize=False` drops
-    Eq. 7 (ablation). With no task the standardization alone is applied.
+    Eq. 7 and keeps the recalibration: the `cpu` profile's choice (on held-out synthetic defects), since
+    the per-patch norm erases each patch's feature energy, e.g. a brightness change. With no task the
+    standardization alone is applied.
     """
 
     def __init__(self, *, dim, standardize=True, eps=1e-5):

@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 from . import files
 from .backbone import FeatureExtractor
 from .config import Config, as_dict
-from .data import DataError, Category, list_categories, load_category, mask_for
-from .features import extract_features
+from .data import DataError, Category, list_categories, load_category, load_image, mask_for
+from .features import array_features, extract_features
 from .methods import METHODS, Learner, make_learner
 from .metrics import backward_transfer, forgetting, image_auroc, image_auroc_by_type, pixel_auroc_ap
 from .scoring import anomaly_map, image_score
+from .synthetic import synthetic_defects
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +44,7 @@ class TaskData:
     train: dict  # {"patch": (N, D, g, g), "pooled": (N, G)}
     test: dict
     val: dict | None  # train/good images held out by ``config.val_fraction`` (never trained on)
+    synthetic: dict | None  # synthetic defects made from the held-out images (None without them)
     labels: np.ndarray  # (M,) 0 good / 1 defect
     masks: np.ndarray | None  # (M, S, S) bool at eval_size, None when the category lacks masks
 
@@ -70,12 +72,17 @@ def load_task(root: Path, name: str, extractor: FeatureExtractor, config: Config
     labels = np.array([s.label for s in category.test])
     masks = (np.stack([mask_for(s, config.eval_size) for s in category.test]) if category.has_masks else None)
     train, val = hold_out(train, config.val_fraction, seed=seed)
-    return TaskData(name, category, train, test, val, labels, masks)
+    synthetic = None
+    if val is not None and len(val["index"]) >= 2:
+        images = [load_image(category.train[i], config.image_size) for i in val["index"].tolist()]
+        synthetic = array_features(extractor, synthetic_defects(images, seed=seed), device=device)
+    return TaskData(name, category, train, test, val, synthetic, labels, masks)
 
 
 def hold_out(features: dict, fraction: float, *, seed: int) -> tuple[dict, dict | None]:
     """Split train/good features into (train, validation): round(fraction * N) images, at least
-    one and at most N - 2, drawn with ``seed``. ``fraction`` 0 keeps everything for training."""
+    one and at most N - 2, drawn with ``seed``; ``val["index"]`` says which. ``fraction`` 0 keeps
+    everything for training."""
     if not 0.0 <= fraction < 1.0:
         raise RunError(f"val_fraction must be in [0, 1), got {fraction}")
     n = len(features["patch"])
@@ -87,16 +94,24 @@ def hold_out(features: dict, fraction: float, *, seed: int) -> tuple[dict, dict 
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val, keep = order[:k].sort().values, order[k:].sort().values
     split = lambda idx: {key: v[idx] if torch.is_tensor(v) else v for key, v in features.items()}
-    return split(keep), split(val)
+    return split(keep), {**split(val), "index": val}
 
 
-def validation_nll(learner: Learner, data: TaskData) -> float | None:
-    """Mean patch NLL per feature dimension of the task's held-out train/good images, scored with
-    its own parameters (the true task id). The only score the kit may select settings by."""
+def validation_scores(learner: Learner, data: TaskData, config: Config) -> dict | None:
+    """Scores of the task's held-out train/good images with its own parameters (the true task id) --
+    the only scores the kit may select settings by: ``patch_nll``, the mean patch NLL per feature
+    dimension, and ``synthetic_auroc``, the image AUROC of those images against synthetic defects made
+    from them (``synthetic.py``; None with fewer than two held-out images)."""
     if data.val is None:
         return None
     nll = learner.patch_nll(data.name, data.val["patch"])
-    return float(nll.mean()) / data.val["patch"].shape[1]
+    scores = {"patch_nll": float(nll.mean()) / data.val["patch"].shape[1], "synthetic_auroc": None}
+    if data.synthetic is not None:
+        good = image_score(nll, mode=config.score_mode, k=config.score_k).numpy()
+        bad = image_score(learner.patch_nll(data.name, data.synthetic["patch"]), mode=config.score_mode,
+                          k=config.score_k).numpy()
+        scores["synthetic_auroc"] = image_auroc(np.r_[np.zeros(len(good)), np.ones(len(bad))], np.r_[good, bad])
+    return scores
 
 
 def evaluate_task(learner: Learner, data: TaskData, config: Config, *, oracle: bool = False) -> dict:
@@ -192,7 +207,11 @@ def summarise(progress: dict, meta: dict, learner: Learner) -> dict:
         routing = float(np.trace(confusion) / confusion.sum())
     validation = progress.get("validation")
     if validation:
-        validation = {"patch_nll": validation, "mean_patch_nll": float(np.mean(list(validation.values())))}
+        synthetic = progress.get("synthetic_auroc") or {}
+        validation = {"patch_nll": validation, "mean_patch_nll": float(np.mean(list(validation.values()))),
+                      "synthetic_auroc": synthetic or None, "mean_synthetic_auroc": None}
+        if synthetic and None not in synthetic.values():
+            validation["mean_synthetic_auroc"] = float(np.mean(list(synthetic.values())))
     return {"method": meta["method"], "tasks": tasks, **scores, "oracle": oracle, "routing_accuracy": routing,
             "validation": validation, "final_by_defect": progress.get("final_by_defect"),
             "params": learner.params(), "seconds": progress["seconds"], "history": progress["history"],
@@ -285,9 +304,10 @@ def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: 
             log = learner.learn(task, data[step].train, seed=seed * 1000 + step)
         progress["seconds"]["train"][task] = time.perf_counter() - start
         if config.val_fraction:  # right after learning, with the task's own parameters
-            progress.setdefault("validation", {})
             for j in (range(len(tasks)) if method == "joint" else [step]):
-                progress["validation"][tasks[j]] = validation_nll(learner, data[j])
+                scores = validation_scores(learner, data[j], config)
+                progress.setdefault("validation", {})[tasks[j]] = scores["patch_nll"]
+                progress.setdefault("synthetic_auroc", {})[tasks[j]] = scores["synthetic_auroc"]
         progress["history"][task] = log
 
         start = time.perf_counter()

@@ -111,7 +111,9 @@ ctx.figure(fig, "07_interaction")
 
 Eq. 7 normalises every patch's channels to zero mean and unit variance before the task's affine map.
 That removes each patch's overall intensity, and some real defects (uneven brightness on magnetic
-tiles) consist of little else. Same ablation budget, on `REAL_DATA`.
+tiles) consist of little else. Same ablation budget, on `REAL_DATA`. (The `cpu` profile runs without
+Eq. 7, a choice made on held-out synthetic defects — README, "Settings chosen on held-out data"; the
+ablations above therefore already run without it.)
 """),
         ("code", """
 real = analysis.kit_path(REAL_DATA) if REAL_DATA else None

@@ -19,7 +19,9 @@ from PIL import Image
 
 from decoflow_core import train
 from decoflow_core.cli import main, parse_sets
+from decoflow_core import config as config_module
 from decoflow_core.config import ConfigError, make_config
+from decoflow_core.data import load_image
 from decoflow_core.methods import DeCoFlowLearner
 from decoflow_core.train import METRICS
 
@@ -212,6 +214,7 @@ def test_hold_out_draws_a_disjoint_seeded_share_of_the_training_images():
     kept, held = train_part["patch"].flatten().tolist(), val["patch"].flatten().tolist()
     assert len(held) == 5 and len(kept) == 15 and sorted(kept + held) == list(range(20))
     assert val["pooled"].flatten().tolist() == held and val["cached"] is True  # rows stay paired
+    assert val["index"].tolist() == held  # which training images were held out
     assert train.hold_out(features, 0.25, seed=3)[1]["patch"].flatten().tolist() == held
     assert train.hold_out(features, 0.25, seed=4)[1]["patch"].flatten().tolist() != held
     assert train.hold_out(features, 0.0, seed=3) == (features, None)
@@ -238,7 +241,37 @@ def test_validation_images_are_held_out_and_later_tasks_train_at_task_lr(tiny_tr
     assert set(validation["patch_nll"]) == set(ALL_TASKS)
     assert all(math.isfinite(v) for v in validation["patch_nll"].values())
     assert validation["mean_patch_nll"] == pytest.approx(np.mean(list(validation["patch_nll"].values())))
+    assert set(validation["synthetic_auroc"]) == set(ALL_TASKS)
+    assert all(0.0 <= v <= 1.0 for v in validation["synthetic_auroc"].values())
+    assert validation["mean_synthetic_auroc"] == pytest.approx(np.mean(list(validation["synthetic_auroc"].values())))
     assert read_json(out / "config.json")["config"]["val_fraction"] == 0.25
+
+
+def test_synthetic_defects_are_made_from_the_held_out_images_only(tiny_tree, smoke_args, tmp_path, monkeypatch):
+    made_from = []
+    real = train.synthetic_defects
+    monkeypatch.setattr(train, "synthetic_defects", lambda images, seed: (
+        made_from.append([image.tobytes() for image in images]), real(images, seed=seed))[1])
+    config = make_config("smoke", {"val_fraction": "0.25", "image_size": "64", "feature_cache": str(tmp_path)})
+    data = train.load_task(tiny_tree, "checker", train.build_extractor(config), config, "cpu", seed=0)
+    held = {load_image(data.category.train[i], 64).tobytes() for i in data.val["index"].tolist()}
+    assert made_from and set(made_from[0]) == held and len(held) == len(data.val["patch"])
+    assert len(data.synthetic["patch"]) == 2 * len(held)  # a rectangle and a scar per held-out image
+
+
+def test_independent_trains_each_flow_at_its_own_lr_and_decoflow_ignores_it(tiny_tree, smoke_args, tmp_path,
+                                                                             monkeypatch):
+    from decoflow_core import methods
+    seen = []
+    real_fit = methods.fit
+    monkeypatch.setattr(methods, "fit", lambda model, params, patches, config, **kw: (
+        seen.append(config.lr), real_fit(model, params, patches, config, **kw))[1])
+    extra = ("--set", "independent_lr=0.002")
+    assert main(run_argv(tiny_tree, tmp_path / "ind", smoke_args, method="independent", extra=extra)) == 0
+    assert seen == [0.002] * len(ALL_TASKS)
+    seen.clear()
+    assert main(run_argv(tiny_tree, tmp_path / "dcf", smoke_args, extra=extra)) == 0
+    assert seen == [1e-3] * len(ALL_TASKS)  # the smoke profile's lr; task_lr unset
 
 
 def test_a_run_without_a_validation_split_records_none(run_method):
@@ -494,15 +527,16 @@ def test_select_cli_chooses_the_lowest_validation_nll_and_writes_its_table(tiny_
             "--val-fraction", "0.25", "--workers", "1", "--out", str(tmp_path), *smoke_args]
     assert main(argv) == 0
     table = (tmp_path / tiny_tree.name / "selection-decoflow-task_lr.csv").read_text().strip().splitlines()
-    assert table[0] == "task_lr,mean_val_nll,run,chosen" and len(table) == 3
+    assert table[0] == "task_lr,mean_val_nll,mean_val_synthetic_auroc,run,chosen" and len(table) == 3
     rows = [line.split(",") for line in table[1:]]
-    assert [r[0] for r in rows] == ["0.001", "0.01"] and [r[3] for r in rows].count("True") == 1
+    assert [r[0] for r in rows] == ["0.001", "0.01"] and [r[4] for r in rows].count("True") == 1
     nll = {r[0]: float(r[1]) for r in rows}
     chosen = min(nll, key=nll.get)
-    assert dict((r[0], r[3]) for r in rows)[chosen] == "True"
+    assert dict((r[0], r[4]) for r in rows)[chosen] == "True"
+    assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)  # the synthetic-defect AUROC is recorded too
     assert f"chosen by validation NLL: task_lr={chosen}" in capsys.readouterr().out
     for r in rows:  # each candidate is an ordinary run directory that held 25% of train/good out
-        config = read_json(Path(r[2]) / "config.json")["config"]
+        config = read_json(Path(r[3]) / "config.json")["config"]
         assert config["val_fraction"] == 0.25 and config["task_lr"] == float(r[0])
 
 
@@ -516,8 +550,23 @@ def test_select_reads_only_validation_nll_and_never_picks_a_diverged_run(monkeyp
     best, rows = experiments.select(tmp_path, "decoflow", {"x": list(nll)})
     assert best["x"] == "d" and [r["chosen"] for r in rows] == [False, False, False, True, False]
     monkeypatch.setattr(experiments, "load_metrics", lambda d: {"validation": {"mean_patch_nll": float("nan")}})
-    with pytest.raises(ValueError, match="finite validation NLL"):
+    with pytest.raises(ValueError, match="finite mean_patch_nll"):
         experiments.select(tmp_path, "decoflow", {"x": ["a", "b"]})
+
+
+def test_select_by_synthetic_defects_takes_the_highest_auroc_and_skips_unscored_runs(monkeypatch, tmp_path):
+    from decoflow_core import experiments
+    auroc = {"a": 0.7, "b": float("nan"), "c": 0.9, "d": None, "e": 0.8}
+    monkeypatch.setattr(experiments, "ensure_runs", lambda root, jobs, workers: [
+        Path(job["sets"]["x"]) for job in jobs])
+    monkeypatch.setattr(experiments, "load_metrics", lambda d: {"validation": {
+        "mean_patch_nll": -ord(str(d)), "mean_synthetic_auroc": auroc[str(d)]}})  # NLL would pick "e"
+    best, rows = experiments.select(tmp_path, "decoflow", {"x": list(auroc)}, criterion="synthetic")
+    assert best["x"] == "c" and [r["chosen"] for r in rows] == [False, False, True, False, False]
+    with pytest.raises(ValueError, match="finite mean_synthetic_auroc"):
+        experiments.select(tmp_path, "decoflow", {"x": ["b", "d"]}, criterion="synthetic")
+    with pytest.raises(ValueError, match="unknown criterion"):
+        experiments.select(tmp_path, "decoflow", {"x": ["a"]}, criterion="test_auroc")
 
 
 def test_select_without_a_grid_exits_2(tiny_tree, tmp_path, capsys):
@@ -540,3 +589,10 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tiny_tree, smo
     with pytest.raises(train.RunError, match=r"\(task_lr differ") as err:
         experiments.ensure_run(tmp_path, "decoflow", data=str(tiny_tree), tasks=["checker"], profile="smoke", sets=sets)
     assert str(out) in str(err.value)
+    saved["config"]["task_lr"] = None
+    saved["config"]["independent_lr"] = 0.5  # a field decoflow does not read: the run stays valid
+    (out / "config.json").write_text(json.dumps(saved))
+    assert experiments.ensure_run(tmp_path, "decoflow", data=str(tiny_tree), tasks=["checker"], profile="smoke",
+                                  sets=sets) == out
+    assert config_module.changed_fields(saved["config"], make_config("smoke", {
+        k: str(v) for k, v in sets.items()}), "independent") == ["independent_lr"]
