@@ -51,7 +51,7 @@ select: $(STAMP)
 
 # issue 4's real-data check: decoflow over 3 seeds, the same with the paper's per-patch standardization
 # (standardize=true), independent and the PaDiM-style reference on bottle -> magnetic_tile; the table
-# goes to results/real_ad.md (~8 min)
+# goes to results/real_ad.md, the border/position analysis to results/real_ad_analysis.md (~8 min)
 REAL_RUN = $(PY) -m decoflow_core run $(REAL_TASKS) --resume
 real-ad: $(STAMP)
 	for seed in 0 1 2; do \
@@ -63,7 +63,9 @@ real-ad: $(STAMP)
 	done
 	$(PY) -m decoflow_core report --per-task runs/real_ad/decoflow-s? runs/real_ad/decoflow-std-s? \
 	  runs/real_ad/independent-s0 runs/real_ad/padim-s0 > results/real_ad.md
-	cat results/real_ad.md
+	$(PY) scripts/real_ad_analysis.py runs/real_ad/decoflow-s0 runs/real_ad/decoflow-std-s0 \
+	  runs/real_ad/independent-s0 > results/real_ad_analysis.md
+	cat results/real_ad.md results/real_ad_analysis.md
 
 clean-runs:
 	rm -rf runs
