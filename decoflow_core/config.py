@@ -24,6 +24,7 @@ class Config:
     n_dcs: int = 6
     n_acl: int = 2
     rank: int = 64
+    lora_alpha: float | None = None  # LoRA updates are scaled by alpha / rank; None = rank (scale 1)
     hidden_ratio: float = 1.0
     context_kernel: int = 5
     use_tsa: bool = True

@@ -31,7 +31,7 @@ SHARED = "shared"  # the single task name of one-flow baselines
 
 
 def build_flow(config: Config, dim: int) -> DeCoFlow:
-    return DeCoFlow(dim=dim, n_dcs=config.n_dcs, n_acl=config.n_acl, rank=config.rank,
+    return DeCoFlow(dim=dim, n_dcs=config.n_dcs, n_acl=config.n_acl, rank=config.rank, lora_alpha=config.lora_alpha,
                     hidden_ratio=config.hidden_ratio, context_kernel=config.context_kernel,
                     use_tsa=config.use_tsa, standardize=config.standardize, use_scm=config.use_scm,
                     use_acl=config.use_acl, use_context=config.use_context)

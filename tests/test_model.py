@@ -317,3 +317,14 @@ def test_parameter_count_matches_formula(dim):
     model.add_task("b")
     assert sum(p.numel() for p in model.parameters()) == base + 2 * per_task
     print(f"\nD={dim}: base {base:,}  per task {per_task:,}  ratio {counts['per_task_ratio']:.1%}")
+
+
+def test_config_lora_alpha_sets_the_lora_scale_alpha_over_rank():
+    from decoflow_core.config import make_config
+    from decoflow_core.flow import LoRALinear
+    from decoflow_core.methods import build_flow
+    for alpha, scale in ((None, 1.0), ("8", 0.5), ("32", 2.0)):
+        sets = {"rank": "16"} if alpha is None else {"rank": "16", "lora_alpha": alpha}
+        model = build_flow(make_config("smoke", sets), dim=8)
+        scales = {m.scale for m in model.modules() if isinstance(m, LoRALinear)}
+        assert scales == {scale}, (alpha, scales)

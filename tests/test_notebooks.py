@@ -17,6 +17,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from decoflow_core.config import make_config
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -195,6 +197,7 @@ def test_04_svd_delta_w(executed):
     assert v["rank_sensitivity/ranks"] == [16, 32]
     assert all(is_fraction(x) for x in v["rank_sensitivity/image_auroc"])
     assert v["rank_sensitivity/params_per_task"][0] < v["rank_sensitivity/params_per_task"][1]
+    assert v["rank_sensitivity/lora_alpha"] == make_config("cpu").rank  # one alpha for every rank
 
 
 def test_05_tal_gradients(executed):
