@@ -180,12 +180,13 @@ def full_finetune_delta(model, task: str, patches: torch.Tensor, config: Config,
 
     The new task gets its own TSA, SCM gate and ACL as in DeCoFlow, but no LoRA: its adapters stay at
     B = 0 and out of the optimizer, so the base alone absorbs the change LoRA would carry (Sec. 4.4.3).
-    ``model`` is left untouched.
+    ``model`` is left untouched; the result depends on ``seed`` only.
     """
     from .flow import LoRALinear
     from .methods import fit
     model = copy.deepcopy(model)
     before = {k: lin.weight.detach().clone() for k, lin in base_linears(model).items()}
+    torch.manual_seed(seed)  # the new task's initial weights must not depend on what ran before
     model.add_task(task)
     model.set_task(task)
     lora = [p for m in model.modules() if isinstance(m, LoRALinear) for p in m.task_parameters(task).values()]

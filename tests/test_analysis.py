@@ -80,6 +80,9 @@ def test_full_finetune_delta_changes_only_a_copy_and_covers_every_base_linear():
     assert all(np.abs(d).max() > 0 for d in deltas.values()), "every base Linear must move"
     assert model.tasks == ["first"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    torch.rand(7)  # another global RNG state: the same seed gives the same deltas
+    again = probes.full_finetune_delta(model, "second", patches, config, seed=0)
+    assert all(np.array_equal(deltas[k], again[k]) for k in deltas)
 
 
 # ----------------------------------------------------------------------------- TAL gradients (Sec. 4.4.4)
