@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import files
 from .backbone import FeatureExtractor
-from .config import Config, as_dict
+from .config import Config, as_dict, changed_fields
 from .data import DataError, Category, list_categories, load_category, load_image, mask_for
 from .features import array_features, extract_features
 from .methods import METHODS, Learner, make_learner
@@ -269,10 +269,11 @@ def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: 
                 "seconds": {"features": 0.0, "train": {}, "eval": 0.0}, "resume_file": None}
     if resume and (out / "progress.json").exists():
         saved = files.read_json(out / "config.json")
-        if {k: saved[k] for k in ("method", "tasks", "seed", "config")} != \
-                {k: meta[k] for k in ("method", "tasks", "seed", "config")}:
-            raise RunError(f"{out} holds a run with another method, tasks, seed or config; "
-                           "resume it with the same arguments or choose another --out")
+        changed = changed_fields(saved["config"], config, method)  # a field added since counts as its default
+        if changed or {k: saved[k] for k in ("method", "tasks", "seed")} != {k: meta[k] for k in ("method", "tasks", "seed")}:
+            raise RunError(f"{out} holds a run with another method, tasks, seed or config"
+                           + (f" ({', '.join(changed)} differ)" if changed else "")
+                           + "; resume it with the same arguments or choose another --out")
         progress = files.read_json(out / "progress.json")
     files.write_json(out / "config.json", meta)
 

@@ -360,6 +360,23 @@ def test_second_run_into_the_same_out_needs_resume(run_method, tiny_tree, smoke_
     assert (out / "metrics.json").read_text() == before
 
 
+def test_resume_accepts_a_run_saved_before_a_field_existed_but_not_other_settings(run_method, tiny_tree,
+                                                                                   smoke_args, tmp_path, capsys):
+    out = tmp_path / "old"
+    shutil.copytree(run_method("decoflow"), out)
+    saved = read_json(out / "config.json")
+    del saved["config"]["lora_alpha"]  # as written before the field existed: counts as its default
+    (out / "config.json").write_text(json.dumps(saved))
+    before = read_json(out / "metrics.json")
+    assert main(run_argv(tiny_tree, out, smoke_args, extra=["--resume"])) == 0
+    after = read_json(out / "metrics.json")
+    before.pop("seconds"), after.pop("seconds")
+    assert after == before and read_json(out / "config.json")["config"]["lora_alpha"] is None
+    capsys.readouterr()
+    assert main(run_argv(tiny_tree, out, smoke_args, extra=["--resume", "--set", "rank=3"])) == 2
+    assert "rank differ" in error_line(capsys)
+
+
 # ----------------------------------------------------------------------------- bad arguments
 
 
