@@ -3,7 +3,7 @@
 ``ensure_run`` returns the run directory of (method, profile, seed, overrides) on a data set,
 training it only when its ``metrics.json`` is missing and resuming a run that was interrupted; a
 finished run whose saved config is not what the profile gives now is refused, never reused.
-``select`` picks settings by the validation NLL of held-out train/good images, never by test data.
+``select`` picks settings by a validation score of held-out train/good images, never by test data.
 """
 from __future__ import annotations
 
@@ -99,7 +99,9 @@ def ensure_runs(run_root, jobs: list[dict], workers: int = 2) -> list[Path]:
     return dirs
 
 
-CRITERIA = {"nll": ("mean_patch_nll", min), "synthetic": ("mean_synthetic_auroc", max)}
+# criterion -> (its score in metrics.json["validation"], its column in the selection table, the best end)
+CRITERIA = {"nll": ("mean_patch_nll", "mean_val_nll", min),
+            "synthetic": ("mean_synthetic_auroc", "mean_val_synthetic_auroc", max)}
 
 
 def select(run_root, method: str, grid: dict[str, list[str]], *, data: str = "embedded", tasks=None,
@@ -115,16 +117,15 @@ def select(run_root, method: str, grid: dict[str, list[str]], *, data: str = "em
     """
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    key, best_of = CRITERIA[criterion]
+    key, column, best_of = CRITERIA[criterion]
     candidates = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     jobs = [dict(method=method, data=data, tasks=tasks, profile=profile, seed=seed,
                  sets={**(sets or {}), **candidate, "val_fraction": val_fraction}) for candidate in candidates]
     rows = []
     for candidate, out in zip(candidates, ensure_runs(run_root, jobs, workers)):
         validation = load_metrics(out)["validation"] or {}
-        rows.append({**candidate, "mean_val_nll": validation.get("mean_patch_nll"),
-                     "mean_val_synthetic_auroc": validation.get("mean_synthetic_auroc"), "run": str(out)})
-    column = {"nll": "mean_val_nll", "synthetic": "mean_val_synthetic_auroc"}[criterion]
+        rows.append({**candidate, **{col: validation.get(score) for score, col, _ in CRITERIA.values()},
+                     "run": str(out)})
     finite = [r for r in rows if r[column] is not None and np.isfinite(r[column])]
     if not finite:
         raise ValueError(f"no candidate of {grid} has a finite {key} (diverged, or a run from before "

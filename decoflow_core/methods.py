@@ -43,12 +43,15 @@ def training_loss(model: DeCoFlow, x: torch.Tensor, config: Config) -> torch.Ten
     return tail_aware_loss(nll, lambda_tail=config.lambda_tail, top_k=config.top_k)
 
 
+def with_lr(config: Config, lr: float | None) -> Config:
+    """``config`` with its lr replaced by ``lr``; unchanged when ``lr`` is None."""
+    return config if lr is None else config.replace(lr=lr)
+
+
 def task_config(config: Config, first: bool) -> Config:
     """The config a task trains with: after the first task (adapters only, starting from zero)
     the lr is ``config.task_lr`` when set."""
-    if first or config.task_lr is None:
-        return config
-    return config.replace(lr=config.task_lr)
+    return config if first else with_lr(config, config.task_lr)
 
 
 def fit(model: torch.nn.Module, params: list, patches: torch.Tensor, config: Config, *, seed: int,
@@ -252,8 +255,8 @@ class IndependentLearner(Learner):
 
     def learn(self, task, features, *, seed):
         model = self._new(task)
-        config = self.config if self.config.independent_lr is None else self.config.replace(lr=self.config.independent_lr)
-        log = fit(model, list(model.parameters()), features["patch"], config, seed=seed, desc=task)
+        log = fit(model, list(model.parameters()), features["patch"], with_lr(self.config, self.config.independent_lr),
+                  seed=seed, desc=task)
         self.router.add_task(task, features["pooled"])
         return log
 

@@ -13,13 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decoflow_core import files  # noqa: E402
 from decoflow_core.analysis import markdown_table  # noqa: E402
+from decoflow_core.config import Config  # noqa: E402
+from decoflow_core.methods import PaDiMReference  # noqa: E402
 from decoflow_core.metrics import image_auroc, image_auroc_by_type  # noqa: E402
 from decoflow_core.report import load_run  # noqa: E402
 from decoflow_core.scoring import image_score  # noqa: E402
@@ -33,48 +34,43 @@ def ring_mask(grid: int) -> torch.Tensor:
     return ring
 
 
-def border_row(run: Path, task: str) -> dict:
+def load(run: Path, task: str):
+    """(config, learner, task data) of a run directory, on the data it was trained on."""
     config, extractor, learner, device = load_run(run)
-    data = load_task(Path(config_data(run)), task, extractor, config, device)
+    data = load_task(Path(files.read_json(run / "config.json")["data"]), task, extractor, config, device)
+    return config, learner, data
+
+
+def border_row(run: Path, task: str, config, learner, data) -> dict:
     train_nll = learner.patch_nll(task, data.train["patch"]).mean(0)
     test_nll = learner.patch_nll(task, data.test["patch"])
     ring = ring_mask(train_nll.shape[-1])
     top = test_nll.flatten(1).argmax(1)
     good = torch.from_numpy(data.labels == 0)
-    centre = ~ring
     return {"run": run.name, "standardize": config.standardize,
-            "ring - centre train NLL (nats)": float(train_nll[ring].mean() - train_nll[centre].mean()),
+            "ring - centre train NLL (nats)": float(train_nll[ring].mean() - train_nll[~ring].mean()),
             "good test images with top patch on the ring": float(ring.flatten()[top][good].float().mean()),
             "I-AUROC": image_auroc(data.labels, image_score(test_nll, k=config.score_k).numpy())}
 
 
-def config_data(run: Path) -> str:
-    return files.read_json(run / "config.json")["data"]
-
-
 def gaussian_scores(train: torch.Tensor, test: torch.Tensor, per_position: bool, reg: float = 0.01):
-    """Squared Mahalanobis distance of every test patch (N, D, H, W) -> (N, H, W)."""
-    n, d, h, w = test.shape
+    """Squared Mahalanobis distance of every test patch (N, D, H, W) -> (N, H, W): the PaDiM-style
+    reference, or (``per_position=False``) the same with every patch a sample of one shared position."""
     if per_position:
-        x, y = train.flatten(2).permute(2, 0, 1), test.flatten(2).permute(2, 0, 1)  # (HW, N, D)
-    else:
-        x, y = train.permute(0, 2, 3, 1).reshape(1, -1, d), test.permute(0, 2, 3, 1).reshape(1, -1, d)
-    mean = x.mean(1, keepdim=True)
-    centred = x - mean
-    cov = centred.transpose(1, 2) @ centred / (x.shape[1] - 1)
-    precision = torch.linalg.inv(cov + reg * torch.eye(d, dtype=cov.dtype))
-    dist = torch.einsum("pnd,pde,pne->pn", y - mean, precision, y - mean)
-    return dist.T.reshape(n, h, w) if per_position else dist.reshape(n, h, w)
+        padim = PaDiMReference(Config(), train.shape[1], "cpu", reg=reg)
+        padim.learn("task", {"patch": train}, seed=0)
+        return padim.patch_nll("task", test.float()).to(test.dtype)
+    as_one_position = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1], 1, 1)  # (N*H*W, D, 1, 1)
+    n, _, h, w = test.shape
+    return gaussian_scores(as_one_position(train), as_one_position(test), True, reg).reshape(n, h, w)
 
 
-def gaussian_rows(run: Path, task: str) -> list[dict]:
-    config, extractor, _, device = load_run(run)
-    data = load_task(Path(config_data(run)), task, extractor, config, device)
+def gaussian_rows(config, data) -> list[dict]:
     types = [s.defect_type for s in data.category.test]
     rows = []
     for per_position in (True, False):
-        nll = gaussian_scores(data.train["patch"].double(), data.test["patch"].double(), per_position)
-        scores = image_score(nll.float(), k=config.score_k).numpy()
+        scores = image_score(gaussian_scores(data.train["patch"], data.test["patch"], per_position),
+                             k=config.score_k).numpy()
         rows.append({"Gaussian": "one per position" if per_position else "one for all positions",
                      "I-AUROC": image_auroc(data.labels, scores), **image_auroc_by_type(types, scores)})
     return rows
@@ -86,12 +82,14 @@ def main(argv=None) -> int:
     parser.add_argument("--task", default="magnetic_tile")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    flows = pd.DataFrame([border_row(run, args.task) for run in args.runs])
+    loaded = [load(run, args.task) for run in args.runs]
+    flows = pd.DataFrame([border_row(run, args.task, *parts) for run, parts in zip(args.runs, loaded)])
     print(f"# Where the flow loses on {args.task} (analysis; no setting was chosen by it)\n")
     print("## Border patches\n")
     print(markdown_table(flows, digits=3))
     print(f"\n## Gaussians on the features of {args.runs[0].name}: image AUROC, all and per defect type\n")
-    print(markdown_table(pd.DataFrame(gaussian_rows(args.runs[0], args.task)), digits=3))
+    config, _, data = loaded[0]
+    print(markdown_table(pd.DataFrame(gaussian_rows(config, data)), digits=3))
     return 0
 
 
