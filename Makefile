@@ -30,24 +30,28 @@ embedded: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) -m decoflow_core.pipeline --data $(DATA) --profile $(PROFILE) --seeds $(SEEDS) --quick $(QUICK)
 
-# the cpu profile's choices on held-out train/good (10%), never on test data: standardize by the AUROC
-# against synthetic defects, then task_lr by validation NLL; and the check of independent's lr (~20 min)
+# the cpu profile's choices on held-out train/good (10%), never on test data, one after the other:
+# settings that change the flow input (standardize, pe_scale) by the AUROC against synthetic defects,
+# the others (task_lr, epochs) by validation NLL, each on both streams -- these four at the 8 epochs the
+# profile had then; last, independent's lr at the final profile (~50 min)
 SELECT = $(PY) -m decoflow_core select --out runs/selection
 REAL_TASKS = --data $(REAL_AD) --tasks bottle,magnetic_tile
+SELECTIONS = "--grid standardize=true,false --criterion synthetic --set epochs=8" \
+             "--grid $(TASK_LRS) --set epochs=8" \
+             "--grid pe_scale=1,3,10 --criterion synthetic --set epochs=8" "--grid epochs=8,12,16"
 select: $(STAMP)
-	$(SELECT) --grid standardize=true,false --criterion synthetic
-	$(SELECT) --grid $(TASK_LRS)
+	for step in $(SELECTIONS); do \
+	  $(SELECT) $$step || exit 1; \
+	  if [ -d $(REAL_AD) ]; then $(SELECT) $(REAL_TASKS) $$step || exit 1; fi; \
+	done
 	$(SELECT) --method independent --grid independent_lr=1e-3,3e-3
-	cp runs/selection/embedded/selection-decoflow-standardize.csv results/selection_standardize_embedded.csv
-	cp runs/selection/embedded/selection-decoflow-task_lr.csv results/selection_task_lr_embedded.csv
 	cp runs/selection/embedded/selection-independent-independent_lr.csv results/selection_independent_lr_embedded.csv
-	if [ -d $(REAL_AD) ]; then \
-	  $(SELECT) $(REAL_TASKS) --grid standardize=true,false --criterion synthetic && \
-	  $(SELECT) $(REAL_TASKS) --grid $(TASK_LRS) && \
-	  for what in standardize task_lr; do \
+	for what in standardize task_lr pe_scale epochs; do \
+	  cp runs/selection/embedded/selection-decoflow-$$what.csv results/selection_$${what}_embedded.csv || exit 1; \
+	  if [ -d $(REAL_AD) ]; then \
 	    cp runs/selection/$$(basename $(REAL_AD))/selection-decoflow-$$what.csv results/selection_$${what}_real_ad.csv || exit 1; \
-	  done; \
-	fi
+	  fi; \
+	done
 
 # issue 4's real-data check: decoflow over 3 seeds, the same with the paper's per-patch standardization
 # (standardize=true), independent and the PaDiM-style reference on bottle -> magnetic_tile; the table

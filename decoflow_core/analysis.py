@@ -119,7 +119,7 @@ class Context:
         from .train import build_extractor, load_task, resolve_device
         config = self.config(**changes)
         key = tuple(getattr(config, k) for k in ("backbone", "backbone_weights", "image_size", "grid", "feature_dim",
-                                                 "positional_encoding", "eval_size"))  # what TaskData depends on
+                                                 "positional_encoding", "pe_scale", "eval_size"))  # what TaskData depends on
         if key not in self._features:
             device = resolve_device(config.device)
             extractor = build_extractor(config)

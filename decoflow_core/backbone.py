@@ -152,12 +152,12 @@ class FeatureExtractor(nn.Module):
 
     Patch features (Sec. 3.4): each of the two stages is locally averaged over 3x3 neighbourhoods
     (PatchCore-style), average-pooled to a ``grid`` x ``grid`` map, and the stages are concatenated
-    (optionally averaged down to ``feature_dim`` channels); then P of Eq. 6 is added.
+    (optionally averaged down to ``feature_dim`` channels); then P of Eq. 6, times ``pe_scale``, is added.
     The pooled feature is the global average of the concatenated patch features before P.
     """
 
     def __init__(self, *, backbone: str = "efficientnet_lite0", weights: str | None = None, grid: int = 14,
-                 feature_dim: int | None = None, positional_encoding: bool = True):
+                 feature_dim: int | None = None, positional_encoding: bool = True, pe_scale: float = 1.0):
         super().__init__()
         if backbone not in BACKBONES:
             raise BackboneError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
@@ -177,7 +177,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
         pe = positional_encoding_2d(self.dim, grid, grid) if positional_encoding else torch.zeros(self.dim, grid, grid)
-        self.register_buffer("pos", pe)
+        self.register_buffer("pos", pe * pe_scale)
 
     def train(self, mode: bool = True):
         super().train(mode)

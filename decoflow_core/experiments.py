@@ -84,7 +84,12 @@ def ensure_runs(run_root, jobs: list[dict], workers: int = 2) -> list[Path]:
     """``ensure_run`` for many jobs (keyword dicts), training the missing ones in ``workers``
     processes of one thread each, biggest first. Prints one line per finished run."""
     dirs = [run_dir(run_root, **job) for job in jobs]
-    missing = [dict(job, run_root=run_root) for job, d in zip(jobs, dirs) if not (d / "metrics.json").exists()]
+    missing = []
+    for job, d in zip(jobs, dirs):
+        if (d / "metrics.json").exists():
+            ensure_run(run_root, **job)  # refuses a finished run that the current settings would not give
+        else:
+            missing.append(dict(job, run_root=run_root))
     missing.sort(key=lambda job: -len(job.get("tasks") or range(99)))  # long streams first
     if workers <= 1 or len(missing) <= 1:
         for job in missing:

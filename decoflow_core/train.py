@@ -57,7 +57,8 @@ def resolve_device(name: str) -> str:
 
 def build_extractor(config: Config) -> FeatureExtractor:
     return FeatureExtractor(backbone=config.backbone, weights=config.backbone_weights, grid=config.grid,
-                            feature_dim=config.feature_dim, positional_encoding=config.positional_encoding)
+                            feature_dim=config.feature_dim, positional_encoding=config.positional_encoding,
+                            pe_scale=config.pe_scale)
 
 
 def load_task(root: Path, name: str, extractor: FeatureExtractor, config: Config, device: str, *,

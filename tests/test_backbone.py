@@ -87,3 +87,16 @@ def test_feature_cache_hits_and_misses(lite0, tmp_path):
     assert torch.equal(first["patch"], second["patch"]) and torch.equal(first["pooled"], second["pooled"])
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(paths[0])
     assert not extract_features(lite0, paths, cache_dir=cache)["cached"]
+
+
+def test_pe_scale_multiplies_the_encoding_and_keys_the_cache(lite0, tmp_path):
+    scaled = FeatureExtractor(backbone="efficientnet_lite0", pe_scale=3.0)
+    assert torch.allclose(scaled.pos, 3 * positional_encoding_2d(152, 14, 14))
+    images = torch.rand(1, 3, 224, 224) * 255
+    assert torch.allclose(scaled(images)[0] - lite0(images)[0], 2 * lite0.pos, atol=1e-5)
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(path)
+    cache = tmp_path / "cache"
+    assert not extract_features(lite0, [path], cache_dir=cache)["cached"]
+    assert not extract_features(scaled, [path], cache_dir=cache)["cached"]  # another scale, another entry
+    assert extract_features(scaled, [path], cache_dir=cache)["cached"]

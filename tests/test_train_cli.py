@@ -606,6 +606,9 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tiny_tree, smo
     with pytest.raises(train.RunError, match=r"\(task_lr differ") as err:
         experiments.ensure_run(tmp_path, "decoflow", data=str(tiny_tree), tasks=["checker"], profile="smoke", sets=sets)
     assert str(out) in str(err.value)
+    job = dict(method="decoflow", data=str(tiny_tree), tasks=["checker"], profile="smoke", sets=sets)
+    with pytest.raises(train.RunError, match=r"\(task_lr differ"):  # the batch path (select, notebooks) too
+        experiments.ensure_runs(tmp_path, [job], workers=2)
     saved["config"]["task_lr"] = None
     saved["config"]["independent_lr"] = 0.5  # a field decoflow does not read: the run stays valid
     (out / "config.json").write_text(json.dumps(saved))
