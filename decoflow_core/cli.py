@@ -85,7 +85,7 @@ def cmd_select(args) -> int:
     import pandas as pd
     from . import files
     from .config import make_config
-    from .experiments import data_tag, select
+    from .experiments import CRITERIA, data_tag, select
     grid = {key: [v for v in values.split(",") if v] for key, values in parse_sets(args.grid).items()}
     if not grid or not all(grid.values()):
         raise ValueError("select needs at least one --grid key=v1,v2,...")
@@ -99,8 +99,7 @@ def cmd_select(args) -> int:
     files.write_text(target, table.to_csv(index=False))
     print(table.drop(columns="run").to_string(index=False))
     print(f"table written to {target}")
-    label = {"nll": "validation NLL", "synthetic": "validation synthetic-defect AUROC"}[args.criterion]
-    print(f"chosen by {label}: " + ", ".join(f"{k}={best[k]}" for k in grid))
+    print(f"chosen by {CRITERIA[args.criterion][3]}: " + ", ".join(f"{k}={best[k]}" for k in grid))
     return 0
 
 

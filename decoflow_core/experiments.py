@@ -104,9 +104,11 @@ def ensure_runs(run_root, jobs: list[dict], workers: int = 2) -> list[Path]:
     return dirs
 
 
-# criterion -> (its score in metrics.json["validation"], its column in the selection table, the best end)
-CRITERIA = {"nll": ("mean_patch_nll", "mean_val_nll", min),
-            "synthetic": ("mean_synthetic_auroc", "mean_val_synthetic_auroc", max)}
+# criterion -> (its score in metrics.json["validation"], its column in the selection table, the best end,
+# its name in messages)
+CRITERIA = {"nll": ("mean_patch_nll", "mean_val_nll", min, "validation NLL"),
+            "synthetic": ("mean_synthetic_auroc", "mean_val_synthetic_auroc", max,
+                          "validation synthetic-defect AUROC")}
 
 
 def select(run_root, method: str, grid: dict[str, list[str]], *, data: str = "embedded", tasks=None,
@@ -122,14 +124,14 @@ def select(run_root, method: str, grid: dict[str, list[str]], *, data: str = "em
     """
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    key, column, best_of = CRITERIA[criterion]
+    key, column, best_of, _ = CRITERIA[criterion]
     candidates = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     jobs = [dict(method=method, data=data, tasks=tasks, profile=profile, seed=seed,
                  sets={**(sets or {}), **candidate, "val_fraction": val_fraction}) for candidate in candidates]
     rows = []
     for candidate, out in zip(candidates, ensure_runs(run_root, jobs, workers)):
         validation = load_metrics(out)["validation"] or {}
-        rows.append({**candidate, **{col: validation.get(score) for score, col, _ in CRITERIA.values()},
+        rows.append({**candidate, **{col: validation.get(score) for score, col, *_ in CRITERIA.values()},
                      "run": str(out)})
     finite = [r for r in rows if r[column] is not None and np.isfinite(r[column])]
     if not finite:
