@@ -8,6 +8,7 @@ DATA    ?= embedded
 PROFILE ?= cpu
 SEEDS   ?= 0
 QUICK   ?= 0
+SETS    ?=
 REAL_AD ?= ../shared/data/real_ad
 TASK_LRS = task_lr=1e-3,3e-3,1e-2,3e-2
 
@@ -27,8 +28,10 @@ test: $(STAMP)
 embedded: $(STAMP)
 	$(PY) -m decoflow_core prepare embedded --out data/embedded
 
+# PROFILE=official QUICK=1 SETS=backbone=efficientnet_lite0: the official model, offline, in minutes
 reproduce: $(STAMP)
-	$(PY) -m decoflow_core.pipeline --data $(DATA) --profile $(PROFILE) --seeds $(SEEDS) --quick $(QUICK)
+	$(PY) -m decoflow_core.pipeline --data $(DATA) --profile $(PROFILE) --seeds $(SEEDS) --quick $(QUICK) \
+	  $(foreach pair,$(SETS),--set $(pair))
 
 # the cpu profile's choices on held-out train/good (10%), never on test data, one after the other:
 # settings that change the flow input (standardize, pe_scale) by the AUROC against synthetic defects,

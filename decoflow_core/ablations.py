@@ -2,7 +2,7 @@
 
 The notebooks stay thin: what is computed lives here, what is run lives in the runs directory
 (``analysis.Context`` trains each run once). In the ``cpu`` profile the ablations use a short
-stream (``ABLATION_TASKS`` tasks) and ``ABLATION_EPOCHS`` epochs; with ``PROFILE=paper`` they use the
+stream (``ABLATION_TASKS`` tasks) and ``ABLATION_EPOCHS`` epochs; with ``PROFILE=paper`` or ``official`` they use the
 whole stream and the profile's epochs.
 """
 from __future__ import annotations
@@ -12,6 +12,8 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+
+from .analysis import FULL_PROFILES
 
 ABLATION_TASKS = 3
 ABLATION_EPOCHS = 3
@@ -23,7 +25,7 @@ ALL_COMPONENTS_OFF = {k: v for change in COMPONENTS.values() for k, v in change.
 
 def ablation_plan(ctx) -> tuple[list[str], dict]:
     """(stream, config changes) of the ablation runs of a notebook context."""
-    if ctx.profile == "paper":
+    if ctx.profile in FULL_PROFILES:
         return ctx.tasks, {}
     return ctx.tasks[:ABLATION_TASKS], ({} if ctx.quick else {"epochs": ABLATION_EPOCHS})
 

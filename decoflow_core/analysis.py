@@ -20,11 +20,12 @@ from .experiments import ensure_run, load_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK_TASKS = 3
-# sensitivity sweeps (rank, TAL) run on the first tasks only, except with PROFILE=paper
+# sensitivity sweeps (rank, TAL) run on the first tasks only, except with PROFILE=paper or official
 SENSITIVITY_TASKS = 5
 # QUICK changes sizes only, never the code path: one epoch, a shallower flow, the embedded images'
 # own 128 px, and pixel metrics at 64 x 64.
 QUICK_SETS = {"epochs": 1, "n_dcs": 2, "n_acl": 1, "image_size": 128, "eval_size": 64}
+FULL_PROFILES = ("paper", "official")  # GPU-scale profiles: sweeps run on the whole stream
 PAPER_MVTEC = {"I-AUROC": 98.05, "P-AUROC": 97.81, "P-AP": 55.80, "FM (I-AUROC)": 0.0, "routing": 100.0}
 
 
@@ -55,12 +56,14 @@ class Context:
     """Parameters of one notebook turned into the things its cells need."""
 
     def __init__(self, name: str, *, data: str, tasks, profile: str, seeds, quick: bool, run_root,
-                 threads: int = 0, workers: int = 1):
+                 threads: int = 0, workers: int = 1, sets: dict | None = None):
         from .cli import resolve_data
         from .data import list_categories
         if threads:
             torch.set_num_threads(threads)  # on a shared CPU, oversubscribed threads cost several times over
         self.name, self.profile, self.quick = name, profile, bool(quick)
+        self.user_sets = {k: str(v) for k, v in (sets or {}).items()}
+        make_config(profile, self.user_sets)  # a bad key or value fails here, before any training
         self.workers = max(1, int(workers))
         self.seeds = list(seeds)
         self.run_root = Path(run_root).resolve()
@@ -78,15 +81,19 @@ class Context:
         self._features: dict = {}
 
     def sets(self, **changes) -> dict:
-        return profile_sets(self.profile, {**(QUICK_SETS if self.quick else {}), **changes})
+        """Overrides of the profile for a run: QUICK's sizes, the notebook's SETS, then ``changes``."""
+        quick = dict(QUICK_SETS) if self.quick else {}
+        if quick and make_config(self.profile, self.user_sets).aggregation == "unfold":
+            quick["grid"] = QUICK_SETS["image_size"] // 8  # the unfold features keep the stride-8 stage's grid
+        return profile_sets(self.profile, {**quick, **self.user_sets, **changes})
 
     def config(self, **changes) -> Config:
         return make_config(self.profile, {k: str(v) for k, v in self.sets(**changes).items()})
 
     @property
     def sensitivity_stream(self) -> list[str]:
-        """The stream of the sensitivity sweeps: the first SENSITIVITY_TASKS tasks unless PROFILE=paper."""
-        return self.tasks if self.profile == "paper" else self.tasks[:SENSITIVITY_TASKS]
+        """The stream of the sensitivity sweeps: the first SENSITIVITY_TASKS tasks unless a FULL_PROFILES one."""
+        return self.tasks if self.profile in FULL_PROFILES else self.tasks[:SENSITIVITY_TASKS]
 
     def _job(self, method: str, seed: int | None = None, *, stream: list[str] | None = None,
              data: str | None = None, **changes) -> dict:
@@ -118,8 +125,9 @@ class Context:
         """{task: train.TaskData} of the stream's features (read from the feature cache)."""
         from .train import build_extractor, load_task, resolve_device
         config = self.config(**changes)
-        key = tuple(getattr(config, k) for k in ("backbone", "backbone_weights", "image_size", "grid", "feature_dim",
-                                                 "positional_encoding", "pe_scale", "eval_size"))  # what TaskData depends on
+        key = tuple(getattr(config, k) for k in ("backbone", "backbone_weights", "image_size", "image_resize", "grid",
+                                                 "aggregation", "feature_dim", "router_feature",
+                                                 "positional_encoding", "pe_order", "pe_scale", "eval_size"))  # what TaskData depends on
         if key not in self._features:
             device = resolve_device(config.device)
             extractor = build_extractor(config)
@@ -179,15 +187,6 @@ def category_frame(summaries: list[dict]) -> pd.DataFrame:
     return pd.DataFrame([{"category": s["category"], "train good": s["train_good"], "test good": s["test_good"],
                           "test defect": sum(s["defects"].values()), "defect types": len(s["defects"]),
                           "masks": s["masks"]} for s in summaries])
-
-
-def config_differences(config: dict, reference: str = "paper") -> pd.DataFrame:
-    """Config fields where a run differs from a profile (default the paper's settings, Sec. 4.1)."""
-    ref = make_config(reference).__dict__
-    keys = [k for k in ref if k in config and config[k] != ref[k] and k not in ("feature_cache", "device")]
-    shown = lambda value: "None" if value is None else value  # noqa: E731 -- None is a setting here, not a gap
-    return pd.DataFrame({"setting": keys, "this run": [shown(config[k]) for k in keys],
-                         f"{reference} profile": [shown(ref[k]) for k in keys]})
 
 
 # ----------------------------------------------------------------------------- main results (Sec. 4.2)

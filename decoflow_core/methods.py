@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config
-from .losses import patch_nll, tail_aware_loss
-from .model import DeCoFlow
+from .losses import logdet_penalty, patch_nll, tail_aware_loss
+from .model import DeCoFlow, gaussian_log_prob
 from .router import PrototypeRouter
 
 # the same frozen-base + per-task-LoRA decomposition on other density models (alternatives.py)
@@ -33,14 +33,25 @@ SHARED = "shared"  # the single task name of one-flow baselines
 def build_flow(config: Config, dim: int) -> DeCoFlow:
     return DeCoFlow(dim=dim, n_dcs=config.n_dcs, n_acl=config.n_acl, rank=config.rank, lora_alpha=config.lora_alpha,
                     hidden_ratio=config.hidden_ratio, context_kernel=config.context_kernel,
-                    use_tsa=config.use_tsa, standardize=config.standardize, use_scm=config.use_scm,
-                    use_acl=config.use_acl, use_context=config.use_context)
+                    alpha_max=config.context_alpha_max, use_tsa=config.use_tsa, standardize=config.standardize,
+                    use_scm=config.use_scm, use_acl=config.use_acl, use_context=config.use_context,
+                    coupling=config.coupling, dcs_zero_init=config.dcs_zero_init, lora_init=config.lora_init,
+                    lora_task_bias=config.lora_task_bias, context_bias=config.context_bias,
+                    context_zero_init=config.context_zero_init, scm_gate=config.scm_gate, scm_init=config.scm_init,
+                    scm_bias=config.scm_bias, tsa_init=config.tsa_init, acl_layout=config.acl_layout,
+                    acl_hidden_ratio=config.acl_hidden_ratio)
 
 
 def training_loss(model: DeCoFlow, x: torch.Tensor, config: Config) -> torch.Tensor:
-    """Tail-Aware Loss (Eq. 21) on the per-dimension patch NLL of a batch (B, D, H, W)."""
-    nll = patch_nll(model.log_prob(x), dim=model.dim)
-    return tail_aware_loss(nll, lambda_tail=config.lambda_tail, top_k=config.top_k)
+    """Tail-Aware Loss (Eq. 21) on the patch NLL of a batch (B, D, H, W) -- per feature dimension
+    unless ``nll_per_dim`` is off -- plus ``lambda_logdet`` times the log-det penalty."""
+    z, logdet = model(x)
+    nll = patch_nll(gaussian_log_prob(z) + logdet, dim=model.dim if config.nll_per_dim else None)
+    loss = tail_aware_loss(nll, lambda_tail=config.lambda_tail, top_k=config.top_k,
+                           per_image=config.tail_scope == "image")
+    if config.lambda_logdet:
+        loss = loss + config.lambda_logdet * logdet_penalty(logdet)
+    return loss
 
 
 def with_lr(config: Config, lr: float | None) -> Config:
@@ -54,24 +65,52 @@ def task_config(config: Config, first: bool) -> Config:
     return config if first else with_lr(config, config.task_lr)
 
 
+def epoch_lr(config: Config, epoch: int, *, first: bool) -> float:
+    """The learning rate of ``epoch`` (0-based). A task after the first warms up linearly over
+    ``warmup_epochs`` (lr (e + 1) / warmup), then follows the schedule from its start: constant, or
+    cosine from lr to lr_min_ratio * lr over ``epochs`` epochs (as torch's CosineAnnealingLR with
+    T_max = epochs stepped once per epoch; the official code starts it after the warm-up, so a
+    later task's last epoch stops short of the minimum)."""
+    warmup = 0 if first else config.warmup_epochs
+    if epoch < warmup:
+        return config.lr * (epoch + 1) / warmup
+    if config.lr_schedule == "constant":
+        return config.lr
+    if config.lr_schedule != "cosine":
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
+    low = config.lr_min_ratio * config.lr
+    return low + (config.lr - low) * (1 + math.cos(math.pi * (epoch - warmup) / config.epochs)) / 2
+
+
+DROP_LAST_FROM = 32  # the official loader drops the last partial batch from 32 training images on
+
+
 def fit(model: torch.nn.Module, params: list, patches: torch.Tensor, config: Config, *, seed: int,
-        penalty=None, replay: torch.Tensor | None = None, desc: str = "train", loss_fn=None) -> dict:
+        penalty=None, replay: torch.Tensor | None = None, desc: str = "train", loss_fn=None,
+        first: bool = True) -> dict:
     """Train ``params`` with AdamP for ``config.epochs`` epochs on patch features (N, D, H, W).
 
-    ``loss_fn(model, x)`` defaults to the flow's ``training_loss``. Every epoch runs to the end: no
-    epoch is chosen by any score. A non-finite loss skips its step and is counted.
-    Returns {"loss": [mean loss per epoch], "nonfinite": count}.
+    ``loss_fn(model, x)`` defaults to the flow's ``training_loss``. The lr follows ``epoch_lr``
+    (``first``: the model's first task, no warm-up); gradients are clipped to ``grad_clip``. Every
+    epoch runs to the end: no epoch is chosen by any score. A non-finite loss skips its step and is
+    counted, as is a loss above ``skip_loss_above``.
+    Returns {"loss": [mean loss per epoch], "nonfinite": count, "skipped": count}.
     """
     loss_fn = loss_fn or (lambda m, x: training_loss(m, x, config))
     from timm.optim import AdamP
     device = next(model.parameters()).device
     optimizer = AdamP(params, lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
+    drop_last = config.drop_last and len(patches) >= DROP_LAST_FROM
     model.train()
-    history, nonfinite = [], 0
-    for _ in tqdm(range(config.epochs), desc=desc, unit="epoch", leave=False):
+    history, nonfinite, skipped = [], 0, 0
+    for epoch in tqdm(range(config.epochs), desc=desc, unit="epoch", leave=False):
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(config, epoch, first=first)
         losses = []
         for idx in torch.randperm(len(patches), generator=generator).split(config.batch_size):
+            if drop_last and len(idx) < config.batch_size:
+                continue
             x = patches[idx]
             if replay is not None and len(replay):
                 pick = torch.randint(len(replay), (max(1, len(idx) // 2),), generator=generator)
@@ -82,13 +121,18 @@ def fit(model: torch.nn.Module, params: list, patches: torch.Tensor, config: Con
             if not torch.isfinite(loss):
                 nonfinite += 1
                 continue
+            if config.skip_loss_above is not None and loss.item() > config.skip_loss_above:
+                skipped += 1
+                continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             losses.append(loss.item())
         history.append(sum(losses) / max(1, len(losses)))
     model.eval()
-    return {"loss": history, "nonfinite": nonfinite}
+    return {"loss": history, "nonfinite": nonfinite, "skipped": skipped}
 
 
 class Learner:
@@ -143,7 +187,7 @@ class DeCoFlowLearner(Learner):
         self.model.add_task(task)
         self.model.set_task(task)
         log = fit(self.model, self.model.trainable_parameters(), features["patch"],
-                  task_config(self.config, first), seed=seed, desc=task)
+                  task_config(self.config, first), seed=seed, desc=task, first=first)
         if first and self.config.freeze_base:
             self.model.freeze_base()
         self.router.add_task(task, features["pooled"])
@@ -183,6 +227,7 @@ class SharedFlowLearner(Learner):
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
         self.buffer = torch.empty(0)
+        self.trained = False  # a task was learned: later tasks warm up (warmup_epochs)
 
     def _named(self):
         return {k: p for k, p in self.model.named_parameters() if p.requires_grad}
@@ -213,7 +258,8 @@ class SharedFlowLearner(Learner):
         penalty = self.ewc_penalty if (self.method == "ewc" and self.fisher) else None
         replay = self.buffer if self.method == "replay" else None
         log = fit(self.model, list(self.model.parameters()), features["patch"], self.config,
-                  seed=seed, penalty=penalty, replay=replay, desc=task)
+                  seed=seed, penalty=penalty, replay=replay, desc=task, first=not self.trained)
+        self.trained = True
         if self.method == "ewc":
             self._update_fisher(features["patch"])
         if self.method == "replay":
@@ -231,6 +277,7 @@ class SharedFlowLearner(Learner):
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
         self.fisher, self.anchor, self.buffer = state["fisher"], state["anchor"], state["buffer"]
+        self.trained = True
 
     def params(self):
         total = sum(p.numel() for p in self.model.parameters())

@@ -16,9 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def notebook_parameters(args) -> dict:
+    sets = dict(pair.split("=", 1) for pair in args.set or [])
     return {"DATA": args.data, "PROFILE": args.profile, "QUICK": bool(int(args.quick)),
             "SEEDS": [int(s) for s in str(args.seeds).split(",") if s != ""],
-            "RUN_ROOT": str(REPO / "runs")}
+            "RUN_ROOT": str(REPO / "runs"), "SETS": sets}
 
 
 def main(argv=None) -> int:
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--quick", default="0")
     parser.add_argument("--only", help="run only notebooks whose name contains this text")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="config override for every run, e.g. backbone=efficientnet_lite0")
     args = parser.parse_args(argv)
 
     if args.data == "embedded":

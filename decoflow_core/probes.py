@@ -59,16 +59,16 @@ def anomaly_map_examples(run_dir, root, tasks: list[str], n_per_task: int = 2) -
     from .data import load_category, load_image, mask_for
     from .features import load_batch
     from .report import load_run
-    from .scoring import anomaly_map, image_score
+    from .scoring import image_score, pixel_maps
     config, extractor, learner, device = load_run(run_dir)
     examples = []
     for task in tasks:
         samples = pick_test_samples(load_category(root, task), 0, n_per_task)
-        patch, pooled = extractor(load_batch([s.path for s in samples], config.image_size).to(device))
+        patch, pooled = extractor(load_batch([s.path for s in samples], config.image_size, config.image_resize).to(device))
         routed = learner.route(pooled.cpu()) if learner.uses_router and config.task_agnostic else [task] * len(samples)
         for sample, patches, chosen in zip(samples, patch.cpu(), routed):
             nll = learner.patch_nll(chosen, patches[None])
-            amap = anomaly_map(nll, config.image_size, sigma=config.map_sigma)[0].numpy()
+            amap = pixel_maps(nll, config, config.image_size)[0].numpy()
             examples.append({"task": task, "routed": chosen, "image": load_image(sample.path, config.image_size),
                              "mask": mask_for(sample, config.image_size), "map": amap,
                              "score": float(image_score(nll, mode=config.score_mode, k=config.score_k)[0])})

@@ -82,17 +82,17 @@ def score_images(run_dir, images, out_dir=None):
     from PIL import Image
 
     from .features import load_batch
-    from .scoring import anomaly_map, image_score
+    from .scoring import image_score, pixel_maps
     config, extractor, learner, device = load_run(run_dir)
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "scores"
     out_dir.mkdir(parents=True, exist_ok=True)
     yield "image\ttask\tscore\tmap"
     for path in map(Path, images):
-        patch, pooled = extractor(load_batch([path], config.image_size).to(device))
+        patch, pooled = extractor(load_batch([path], config.image_size, config.image_resize).to(device))
         task = learner.route(pooled.cpu())[0] if learner.uses_router else "shared"
         nll = learner.patch_nll(task, patch.cpu())
         score = image_score(nll, mode=config.score_mode, k=config.score_k).item()
-        amap = anomaly_map(nll, config.image_size, sigma=config.map_sigma)[0].numpy()
+        amap = pixel_maps(nll, config, config.image_size)[0].numpy()
         norm = (amap - amap.min()) / max(float(np.ptp(amap)), 1e-12)
         target = out_dir / f"{path.stem}_map.png"
         Image.fromarray((cm.inferno(norm)[..., :3] * 255).astype(np.uint8)).save(target)

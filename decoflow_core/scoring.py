@@ -4,25 +4,54 @@ import math
 import torch
 import torch.nn.functional as F
 
+PADDINGS = ("replicate", "reflect")
+UPSAMPLING = ("bilinear", "bicubic")
 
-def gaussian_blur(images, sigma):
-    """Separable Gaussian blur of (B, H, W) maps; kernel truncated at 4 sigma, edges replicated."""
+
+def _border_index(n, radius, padding, device):
+    """Indices of a length-n axis padded by ``radius`` on both sides: ``replicate`` repeats the edge
+    (a a | a b c | c c), ``reflect`` mirrors it with the edge repeated (b a | a b c | c b), as
+    scipy.ndimage's 'reflect'."""
+    index = torch.arange(-radius, n + radius, device=device)
+    if padding == "replicate":
+        return index.clamp(0, n - 1)
+    if padding == "reflect":
+        index = index.remainder(2 * n)
+        return torch.where(index >= n, 2 * n - 1 - index, index)
+    raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+
+
+def gaussian_blur(images, sigma, padding="replicate"):
+    """Separable Gaussian blur of (B, H, W) maps; kernel truncated at 4 sigma, edges padded by
+    ``padding`` (replicate, or reflect as scipy.ndimage.gaussian_filter's default)."""
     radius = max(1, math.ceil(4 * sigma))
     x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = kernel / kernel.sum()
+    _, height, width = images.shape
     out = images[:, None]  # (B, 1, H, W)
-    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    out = out.index_select(3, _border_index(width, radius, padding, images.device))
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
+    out = out.index_select(2, _border_index(height, radius, padding, images.device))
+    out = F.conv2d(out, kernel.view(1, 1, -1, 1))
     return out[:, 0]
 
 
-def anomaly_map(patch_scores, size, sigma=4.0):
-    """Pixel anomaly map: bilinear upsampling of (B, H, W) patch scores to (B, size, size), then
-    Gaussian smoothing with `sigma` pixels (sigma <= 0 skips it)."""
-    maps = F.interpolate(patch_scores[:, None], size=(size, size), mode="bilinear",
-                         align_corners=False)[:, 0]
-    return gaussian_blur(maps, sigma) if sigma > 0 else maps
+def anomaly_map(patch_scores, size, sigma=4.0, *, upsample="bilinear", padding="replicate"):
+    """Pixel anomaly map: ``upsample`` (bilinear or bicubic) of (B, H, W) patch scores to (B, size, size),
+    then Gaussian smoothing with `sigma` pixels (sigma <= 0 skips it) and ``padding`` at the border."""
+    if upsample not in UPSAMPLING:
+        raise ValueError(f"upsample must be one of {UPSAMPLING}, got {upsample!r}")
+    maps = F.interpolate(patch_scores[:, None], size=(size, size), mode=upsample, align_corners=False)[:, 0]
+    return gaussian_blur(maps, sigma, padding) if sigma > 0 else maps
+
+
+def pixel_maps(patch_scores, config, size=None):
+    """The anomaly maps a config asks for at ``size`` (default its eval_size); ``map_sigma`` is in
+    pixels at ``image_size`` and scales with the map."""
+    size = size or config.eval_size
+    return anomaly_map(patch_scores, size, sigma=config.map_sigma * size / config.image_size,
+                       upsample=config.map_upsample, padding=config.map_padding)
 
 
 def image_score(patch_scores, mode="topk", k=3):

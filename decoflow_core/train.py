@@ -26,7 +26,7 @@ from .data import DataError, Category, list_categories, load_category, load_imag
 from .features import array_features, extract_features
 from .methods import METHODS, Learner, make_learner
 from .metrics import backward_transfer, forgetting, image_auroc, image_auroc_by_type, pixel_auroc_ap
-from .scoring import anomaly_map, image_score
+from .scoring import image_score, pixel_maps
 from .synthetic import synthetic_defects
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
@@ -58,7 +58,8 @@ def resolve_device(name: str) -> str:
 def build_extractor(config: Config) -> FeatureExtractor:
     return FeatureExtractor(backbone=config.backbone, weights=config.backbone_weights, grid=config.grid,
                             feature_dim=config.feature_dim, positional_encoding=config.positional_encoding,
-                            pe_scale=config.pe_scale)
+                            pe_scale=config.pe_scale, aggregation=config.aggregation,
+                            router_feature=config.router_feature, pe_order=config.pe_order)
 
 
 def load_task(root: Path, name: str, extractor: FeatureExtractor, config: Config, device: str, *,
@@ -67,7 +68,7 @@ def load_task(root: Path, name: str, extractor: FeatureExtractor, config: Config
     cache = config.feature_cache
     if cache and not Path(cache).is_absolute():
         cache = REPO / cache  # the kit's data/cache from any working directory (papermill runs in notebooks/)
-    common = dict(image_size=config.image_size, cache_dir=cache, device=device)
+    common = dict(image_size=config.image_size, resize=config.image_resize, cache_dir=cache, device=device)
     train = extract_features(extractor, category.train, desc=f"{name} train", **common)
     test = extract_features(extractor, [s.path for s in category.test], desc=f"{name} test", **common)
     labels = np.array([s.label for s in category.test])
@@ -75,7 +76,7 @@ def load_task(root: Path, name: str, extractor: FeatureExtractor, config: Config
     train, val = hold_out(train, config.val_fraction, seed=seed)
     synthetic = None
     if val is not None and len(val["index"]) >= 2:
-        images = [load_image(category.train[i], config.image_size) for i in val["index"].tolist()]
+        images = [load_image(category.train[i], config.image_size, config.image_resize) for i in val["index"].tolist()]
         synthetic = array_features(extractor, synthetic_defects(images, seed=seed), device=device)
     return TaskData(name, category, train, test, val, synthetic, labels, masks)
 
@@ -131,8 +132,7 @@ def evaluate_task(learner: Learner, data: TaskData, config: Config, *, oracle: b
               "pixel_ap": float("nan"), "routed": routed,
               "by_defect": image_auroc_by_type([s.defect_type for s in data.category.test], scores.numpy())}
     if data.masks is not None:
-        sigma = config.map_sigma * config.eval_size / config.image_size
-        maps = anomaly_map(nll, config.eval_size, sigma=sigma).numpy()
+        maps = pixel_maps(nll, config).numpy()
         result["pixel_auroc"], result["pixel_ap"] = pixel_auroc_ap(data.masks, maps)
     return result
 

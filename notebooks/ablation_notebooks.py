@@ -6,7 +6,7 @@ figures and tables through the notebook context, numbers recorded in runs/notebo
 BUDGET = """
 **Budget.** With `PROFILE="cpu"` these runs use the first {tasks} tasks of the stream and {epochs}
 epochs per task (`decoflow_core/ablations.py`: `ABLATION_TASKS`, `ABLATION_EPOCHS`) so that the
-whole kit reproduces in well under an hour on a 2-core CPU; with `PROFILE="paper"` they run the full
+whole kit reproduces in well under an hour on a 2-core CPU; with `PROFILE="paper"` (or `"official"`) they run the full
 protocol. `QUICK=True` shrinks further (3 tasks, 1 epoch, a 2-block flow) and only checks the plumbing.
 """
 

@@ -20,7 +20,8 @@ HERE = Path(__file__).resolve().parent
 COMMON_PARAMETERS = '''
 DATA = "embedded"  # "embedded" (the kit's benchmark) or the folder of an MVTec-layout data set
 TASKS = None  # categories in stream order; None: all categories, alphabetically
-PROFILE = "cpu"  # config profile: "cpu", "paper" or "smoke" (decoflow_core/config.py)
+PROFILE = "cpu"  # config profile: "cpu", "paper", "official" or "smoke" (decoflow_core/config.py)
+SETS = {}  # config overrides for every run, e.g. {"backbone": "efficientnet_lite0"} (offline official)
 SEEDS = [0]  # training seeds; tables give the mean (and std) over them
 QUICK = False  # True: first 3 tasks, 1 epoch, a smaller flow; outputs go to RUN_ROOT/quick/
 RUN_ROOT = "../runs"  # shared runs and this notebook's JSON record live here
@@ -38,7 +39,7 @@ import pandas as pd
 from decoflow_core import analysis
 {extra_imports}
 ctx = analysis.Context("{name}", data=DATA, tasks=TASKS, profile=PROFILE, seeds=SEEDS, quick=QUICK,
-                       run_root=RUN_ROOT, threads=THREADS, workers=WORKERS)
+                       run_root=RUN_ROOT, threads=THREADS, workers=WORKERS, sets=SETS)
 print(f"data: {{ctx.data_root}}\\ntasks ({{len(ctx.tasks)}}): {{', '.join(ctx.tasks)}}\\nfigures -> {{ctx.figures}}\\ntables -> {{ctx.results}}")
 '''
 
@@ -253,7 +254,7 @@ by the later notebooks. Methods, all on the same features and the same flow (`de
 * `padim`: a Gaussian per patch position and task, given the task id (a non-flow reference).
 """),
     ("parameters", COMMON_PARAMETERS),
-    ("code", setup_cell("02_sequential_training", "from decoflow_core import probes\nfrom decoflow_core.experiments import load_metrics\nfrom decoflow_core.files import read_json")),
+    ("code", setup_cell("02_sequential_training", "from decoflow_core import probes\nfrom decoflow_core.experiments import load_metrics\nfrom decoflow_core.files import read_json\nfrom decoflow_core.settings import settings_table")),
     ("code", """
 METHODS = ["decoflow", "finetune", "ewc", "replay", "joint", "independent", "padim"]
 NOTES = {"replay": "breaks no-replay", "joint": "not continual: all tasks at once",
@@ -304,8 +305,9 @@ finetune forgetting, near-perfect routing). What differs:
   high-resolution photographs; with `DATA=/path/to/mvtec` the same notebook runs on MVTec-AD;
 * **backbone**: EfficientNet-Lite0 (D = 152 channels) in the `cpu` profile instead of
   WideResNet-50-2 (D = 768);
-* **profile**: the settings below differ from the paper's (`paper` profile = Sec. 4.1); QUICK mode
-  shrinks them further;
+* **profile**: the table below gives every setting three ways: what the paper's text says, what the
+  authors' code computes (the `official` profile, proven equal to it on its own outputs), and the
+  `paper`, `official` and `cpu` profiles beside this run's values; QUICK mode shrinks them further;
 * **baselines**: the paper compares with published methods (PackNet, L2P, DualPrompt, CADIC, ...);
   the kit's baselines are the same flow trained in other ways.
 
@@ -318,10 +320,10 @@ comparison = pd.DataFrame({"metric": list(analysis.PAPER_MVTEC),
                            "paper, MVTec-AD (%)": list(analysis.PAPER_MVTEC.values()),
                            "this kit (%)": [100 * ours[k] if pd.notna(ours[k]) else np.nan for k in analysis.PAPER_MVTEC]})
 ctx.table(comparison, "02_paper_comparison")
-differences = analysis.config_differences(read_json(runs["decoflow"][0] / "config.json")["config"])
-ctx.table(differences, "02_config_vs_paper")
+settings = settings_table(read_json(runs["decoflow"][0] / "config.json")["config"])
+ctx.table(settings, "02_settings")
 display(comparison)
-differences
+settings
 """),
     ("md", """
 ## Anomaly maps
@@ -465,7 +467,7 @@ print(("Every base Linear here has full rank <= 64, so 'the top 64 hold 100%' is
 ## LoRA rank sensitivity (Sec. 4.3.3)
 
 DeCoFlow with each rank, everything else as in 02, on the sensitivity stream: the first five tasks in the
-`cpu` profile (to keep `make reproduce` within its time), the whole stream with `PROFILE="paper"`.
+`cpu` profile (to keep `make reproduce` within its time), the whole stream with `PROFILE="paper"` or `"official"`.
 LoRA's update is scaled by α/r (the paper's "α/r scaling"); α stays at the profile's rank for every r,
 so the profile's rank trains exactly as in 02 and a larger rank gets a proportionally smaller scale —
 the usual LoRA convention, which keeps the size of an update, and so the selected `task_lr`, comparable
@@ -551,7 +553,7 @@ patches, which is the mechanism the paper credits for TAL's gain.
 ## λ_tail / top-k sensitivity
 
 DeCoFlow with each setting on the sensitivity stream (the first five tasks in the `cpu` profile, the
-whole stream with `PROFILE="paper"`).
+whole stream with `PROFILE="paper"` or `"official"`).
 """),
     ("code", """
 settings = TAIL_SETTINGS[:2] if ctx.quick else TAIL_SETTINGS

@@ -205,15 +205,6 @@ def test_first_task_curve_is_the_first_column():
     np.testing.assert_array_equal(analysis.first_task_curve(R), [0.9, 0.5])
 
 
-def test_config_differences_against_the_paper():
-    cpu = make_config("cpu").__dict__
-    table = analysis.config_differences(cpu)
-    diff = dict(zip(table["setting"], table["this run"]))
-    assert diff["backbone"] == "efficientnet_lite0" and diff["rank"] == 16
-    assert "lambda_tail" not in diff and "feature_cache" not in diff
-    assert analysis.config_differences(make_config("paper").__dict__).empty
-
-
 def test_pick_test_samples_prefers_distinct_defect_types():
     from decoflow_core.data import Category, Sample
     from pathlib import Path

@@ -4,8 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
+import torch.nn.functional as F
+
 from decoflow_core.backbone import (BackboneError, FeatureExtractor, load_classifier, map_by_order,
-                                    positional_encoding_2d)
+                                    positional_encoding_2d, split_backbone, unfold_aggregate)
 from decoflow_core.features import extract_features
 
 
@@ -100,3 +102,53 @@ def test_pe_scale_multiplies_the_encoding_and_keys_the_cache(lite0, tmp_path):
     assert not extract_features(lite0, [path], cache_dir=cache)["cached"]
     assert not extract_features(scaled, [path], cache_dir=cache)["cached"]  # another scale, another entry
     assert extract_features(scaled, [path], cache_dir=cache)["cached"]
+
+
+def neighbourhoods(fmap):
+    """(B, C, H, W) -> (B, H, W, C*9): every location's zero-padded 3 x 3 neighbourhood, channel-major."""
+    b, c, h, w = fmap.shape
+    padded = F.pad(fmap, (1, 1, 1, 1))
+    out = torch.zeros(b, h, w, c, 3, 3)
+    for i in range(h):
+        for j in range(w):
+            out[:, i, j] = padded[:, :, i:i + 3, j:j + 3]
+    return out.reshape(b, h, w, c * 9)
+
+
+def average_to(vectors, dim):
+    """adaptive average pooling of the last axis to ``dim`` bins, bin k = [floor(kn/dim), ceil((k+1)n/dim))."""
+    n = vectors.shape[-1]
+    return torch.stack([vectors[..., (k * n) // dim: -(-((k + 1) * n) // dim)].mean(-1) for k in range(dim)], -1)
+
+
+def test_unfold_aggregation_by_brute_force():
+    """The official extractor: 3x3 neighbourhoods, the deeper stage upsampled entry by entry to the
+    first stage's grid, each stage pooled to D, the stages averaged."""
+    gen = torch.Generator().manual_seed(0)
+    shallow, deep, dim = torch.randn(2, 5, 8, 8, generator=gen), torch.randn(2, 7, 4, 4, generator=gen), 6
+    deep_cols = neighbourhoods(deep).permute(0, 3, 1, 2)
+    deep_up = F.interpolate(deep_cols, size=(8, 8), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    expected = (average_to(neighbourhoods(shallow), dim) + average_to(deep_up, dim)) / 2
+    assert torch.allclose(unfold_aggregate([shallow, deep], dim), expected, atol=1e-6)
+
+
+def test_unfold_extractor_on_the_offline_backbone():
+    extractor = FeatureExtractor(backbone="efficientnet_lite0", grid=28, feature_dim=64, aggregation="unfold",
+                                 router_feature="patch")
+    images = torch.rand(2, 3, 224, 224) * 255
+    patches, pooled = extractor(images)
+    assert patches.shape == (2, 64, 28, 28) and pooled.shape == (2, 64)
+    assert torch.allclose((patches - extractor.pos).mean(dim=(2, 3)), pooled, atol=1e-5)
+    stages = extractor.body((images - extractor.mean) / extractor.std)
+    assert torch.allclose(patches - extractor.pos, unfold_aggregate(stages, 64).permute(0, 3, 1, 2), atol=1e-5)
+    with pytest.raises(BackboneError, match="grid=28"):
+        FeatureExtractor(backbone="efficientnet_lite0", grid=14, aggregation="unfold")(images)
+
+
+def test_backbone_weight_tags():
+    assert split_backbone("wide_resnet50_2.racm_in1k") == ("wide_resnet50_2", "racm_in1k")
+    assert split_backbone("efficientnet_lite0") == ("efficientnet_lite0", None)
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        split_backbone("resnet18")
+    with pytest.raises(BackboneError, match="no timm tag"):
+        load_classifier("efficientnet_lite0.in1k")

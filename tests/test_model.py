@@ -7,7 +7,7 @@ import torch
 from timm.optim import AdamP
 from torch.autograd.functional import jacobian
 
-from decoflow_core.flow import AffineCoupling, DecomposedSubnet, LoRALinear, MLPSubnet
+from decoflow_core.flow import AffineCoupling, DecomposedSubnet, LoRALinear, MLPSubnet, random_permutation
 from decoflow_core.losses import patch_nll, tail_aware_loss
 from decoflow_core.model import DeCoFlow, TaskAlignment
 
@@ -31,7 +31,7 @@ def randomize_(module, scale=1.0, seed=0):
 
 
 def dcs_block(dim, *, dtype=torch.float32, seed=0):
-    block = AffineCoupling(dim=dim, clamp=1.9, seed=seed, subnet=DecomposedSubnet(
+    block = AffineCoupling(dim=dim, clamp=1.9, perm=random_permutation(dim, seed), subnet=DecomposedSubnet(
         in_dim=dim // 2, out_dim=dim - dim // 2, hidden=dim, rank=4, context_kernel=5))
     for m in block.modules():
         if isinstance(m, LoRALinear):
@@ -42,7 +42,7 @@ def dcs_block(dim, *, dtype=torch.float32, seed=0):
 
 
 def acl_block(dim, *, dtype=torch.float32, seed=0):
-    block = AffineCoupling(dim=dim, clamp=1.9, seed=seed, subnet=MLPSubnet(
+    block = AffineCoupling(dim=dim, clamp=1.9, perm=random_permutation(dim, seed), subnet=MLPSubnet(
         in_dim=dim // 2, out_dim=dim - dim // 2, hidden=dim))
     randomize_(block, seed=seed)
     return block.to(dtype)
