@@ -30,6 +30,17 @@ def parse_sets(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def parse_candidates(specs: list[str] | None) -> dict[str, dict[str, str]]:
+    """``["now:", "recipe:a=1,b=2"]`` -> {"now": {}, "recipe": {"a": "1", "b": "2"}}."""
+    out = {}
+    for spec in specs or []:
+        name, sep, pairs = spec.partition(":")
+        if not sep or not name:
+            raise ValueError(f"--candidate expects NAME:key=value,key=value (or NAME: for the profile as it is), got {spec!r}")
+        out[name] = parse_sets([p for p in pairs.split(",") if p])
+    return out
+
+
 def parse_tasks(spec: str | None) -> list[str] | None:
     """``a,b,c`` -> ["a", "b", "c"]; None (every category, alphabetically) when not given."""
     return [t for t in spec.split(",") if t] if spec else None
@@ -87,19 +98,22 @@ def cmd_select(args) -> int:
     from .config import make_config
     from .experiments import CRITERIA, data_tag, select
     grid = {key: [v for v in values.split(",") if v] for key, values in parse_sets(args.grid).items()}
-    if not grid or not all(grid.values()):
-        raise ValueError("select needs at least one --grid key=v1,v2,...")
+    candidates = parse_candidates(args.candidate)
+    if bool(grid) == bool(candidates) or (grid and not all(grid.values())):
+        raise ValueError("select needs at least one --grid key=v1,v2,... or --candidate NAME:key=v,... (not both)")
     sets = parse_sets(args.set)
-    make_config(args.profile, {**sets, **{k: v[0] for k, v in grid.items()}})  # bad keys fail before training
-    best, rows = select(args.out, args.method, grid, data=args.data, tasks=parse_tasks(args.tasks),
-                        profile=args.profile, seed=args.seed, sets=sets, val_fraction=args.val_fraction,
-                        workers=args.workers, criterion=args.criterion)
+    for candidate in candidates.values() or [{k: v[0] for k, v in grid.items()}]:
+        make_config(args.profile, {**sets, **candidate})  # bad keys fail before training
+    best, rows = select(args.out, args.method, grid or None, candidates=candidates or None, data=args.data,
+                        tasks=parse_tasks(args.tasks), profile=args.profile, seed=args.seed, sets=sets,
+                        val_fraction=args.val_fraction, workers=args.workers, criterion=args.criterion)
     table = pd.DataFrame(rows)
-    target = Path(args.out) / data_tag(args.data) / f"selection-{args.method}-{'-'.join(grid)}.csv"
+    target = Path(args.out) / data_tag(args.data) / f"selection-{args.method}-{'-'.join(grid or candidates)}.csv"
     files.write_text(target, table.to_csv(index=False))
     print(table.drop(columns="run").to_string(index=False))
     print(f"table written to {target}")
-    print(f"chosen by {CRITERIA[args.criterion][3]}: " + ", ".join(f"{k}={best[k]}" for k in grid))
+    chosen = ", ".join(f"{k}={best[k]}" for k in grid) if grid else best["candidate"]
+    print(f"chosen by {CRITERIA[args.criterion][3]}: {chosen}")
     return 0
 
 
@@ -165,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("select", help="choose settings by validation scores of held-out train/good images")
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...", help="candidate values of a config field")
+    p.add_argument("--candidate", action="append", metavar="NAME:KEY=V,KEY=V",
+                   help="a named bundle of settings (NAME: alone = the profile as it is); instead of --grid")
     p.add_argument("--data", default="embedded")
     p.add_argument("--tasks", help="comma-separated task order (default: all categories, alphabetical)")
     p.add_argument("--method", default="decoflow")

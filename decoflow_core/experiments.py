@@ -111,11 +111,13 @@ CRITERIA = {"nll": ("mean_patch_nll", "mean_val_nll", min, "validation NLL"),
                           "validation synthetic-defect AUROC")}
 
 
-def select(run_root, method: str, grid: dict[str, list[str]], *, data: str = "embedded", tasks=None,
-           profile: str = "cpu", seed: int = 0, sets: dict | None = None, val_fraction: float = 0.1,
-           workers: int = 2, criterion: str = "nll") -> tuple[dict, list[dict]]:
-    """Run every combination of ``grid`` ({key: [values]}) with ``val_fraction`` of each task's
-    train/good images held out, and choose by a validation score of those images (``train.validation_scores``):
+def select(run_root, method: str, grid: dict[str, list[str]] | None = None, *, candidates: dict | None = None,
+           data: str = "embedded", tasks=None, profile: str = "cpu", seed: int = 0, sets: dict | None = None,
+           val_fraction: float = 0.1, workers: int = 2, criterion: str = "nll") -> tuple[dict, list[dict]]:
+    """Run every combination of ``grid`` ({key: [values]}) -- or the named ``candidates``
+    ({name: {key: value}}, e.g. a bundle of settings against the profile as it is, ``{}``) -- with
+    ``val_fraction`` of each task's train/good images held out, and choose by a validation score of
+    those images (``train.validation_scores``):
     ``nll`` -- the lowest mean patch NLL (settings that model the same flow input), or
     ``synthetic`` -- the highest mean AUROC against synthetic defects (settings that change the input).
 
@@ -125,14 +127,20 @@ def select(run_root, method: str, grid: dict[str, list[str]], *, data: str = "em
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     key, column, best_of, _ = CRITERIA[criterion]
-    candidates = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    if (grid is None) == (candidates is None):
+        raise ValueError("select needs either a grid or named candidates")
+    if grid is not None:
+        named = [(None, dict(zip(grid, values))) for values in itertools.product(*grid.values())]
+    else:
+        named = list(candidates.items())
     jobs = [dict(method=method, data=data, tasks=tasks, profile=profile, seed=seed,
-                 sets={**(sets or {}), **candidate, "val_fraction": val_fraction}) for candidate in candidates]
+                 sets={**(sets or {}), **candidate, "val_fraction": val_fraction}) for _, candidate in named]
+    keys = list(dict.fromkeys(k for _, candidate in named for k in candidate))  # a missing key: the profile's
     rows = []
-    for candidate, out in zip(candidates, ensure_runs(run_root, jobs, workers)):
+    for (name, candidate), out in zip(named, ensure_runs(run_root, jobs, workers)):
         validation = load_metrics(out)["validation"] or {}
-        rows.append({**candidate, **{col: validation.get(score) for score, col, *_ in CRITERIA.values()},
-                     "run": str(out)})
+        rows.append({**({"candidate": name} if name is not None else {}), **{k: candidate.get(k) for k in keys},
+                     **{col: validation.get(score) for score, col, *_ in CRITERIA.values()}, "run": str(out)})
     finite = [r for r in rows if r[column] is not None and np.isfinite(r[column])]
     if not finite:
         raise ValueError(f"no candidate of {grid} has a finite {key} (diverged, or a run from before "

@@ -586,6 +586,28 @@ def test_select_by_synthetic_defects_takes_the_highest_auroc_and_skips_unscored_
         experiments.select(tmp_path, "decoflow", {"x": ["a"]}, criterion="test_auroc")
 
 
+def test_select_between_named_bundles(monkeypatch, tmp_path, capsys):
+    """--candidate NAME:k=v,...: each bundle is one run (NAME: alone is the profile as it is)."""
+    from decoflow_core import experiments
+    seen = []
+    monkeypatch.setattr(experiments, "ensure_runs", lambda root, jobs, workers: seen.extend(jobs) or [
+        Path(json.dumps(job["sets"], sort_keys=True)) for job in jobs])
+    nll = lambda d: 0.3 if "grad_clip" in str(d) else 0.5  # noqa: E731 -- the bundle has the lower NLL
+    monkeypatch.setattr(experiments, "load_metrics", lambda d: {"validation": {"mean_patch_nll": nll(d)}})
+    argv = ["select", "--candidate", "now:", "--candidate", "recipe:grad_clip=0.5,weight_decay=0.01",
+            "--out", str(tmp_path), "--profile", "smoke"]
+    assert main(argv) == 0
+    assert [job["sets"] for job in seen] == [{"val_fraction": 0.1},
+                                             {"grad_clip": "0.5", "weight_decay": "0.01", "val_fraction": 0.1}]
+    assert "chosen by validation NLL: recipe" in capsys.readouterr().out
+    table = (tmp_path / "embedded" / "selection-decoflow-now-recipe.csv").read_text().splitlines()
+    assert table[0].startswith("candidate,grad_clip,weight_decay,mean_val_nll") and table[2].endswith("True")
+    assert main(["select", "--candidate", "recipe:grad_clip=x", "--out", str(tmp_path)]) == 2  # checked first
+    assert "grad_clip" in error_line(capsys)
+    assert main(["select", "--candidate", "nameless", "--out", str(tmp_path)]) == 2
+    assert "NAME:" in error_line(capsys)
+
+
 def test_select_without_a_grid_exits_2(tiny_tree, tmp_path, capsys):
     assert main(["select", "--data", str(tiny_tree), "--out", str(tmp_path)]) == 2
     assert "--grid" in error_line(capsys)
