@@ -38,6 +38,8 @@ def benchmark(*, data: Path, task: str | None, profile: str, sets: dict, n_image
     """Feature extraction, seconds per training step, (``whole_task``) training one task, and the
     per-image latency of backbone and flow + router, printed and returned."""
     config = make_config(profile, sets)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
     device = resolve_device(config.device)
     task = task or list_categories(data)[0]
     category = load_category(data, task)

@@ -282,3 +282,24 @@ def test_params_command_gives_the_official_counts(capsys):
                                       "context_conv": shared["scale_context_conv (depthwise kxk on x1)"],
                                       "context_alpha": shared["scale_context_alpha_param"],
                                       "spatial_mixer": shared["spatial_context_mixer"]}
+
+
+def test_the_official_profile_runs_the_protocol_end_to_end(tiny_tree, smoke_cache, tmp_path, capsys):
+    """The official recipe through `run` (cosine + warm-up, clipping, drop_last, the log-det penalty, TAL
+    per image, unfold features, FrEIA couplings), at a size that takes seconds: the offline backbone at
+    64 px (the unfold grid is then 8), two blocks, D = 32."""
+    from decoflow_core.cli import main
+    from decoflow_core.files import read_json
+    sets = {"backbone": "efficientnet_lite0", "image_size": 64, "grid": 8, "feature_dim": 32, "n_dcs": 2,
+            "rank": 4, "epochs": 2, "batch_size": 4, "eval_size": 64, "device": "cpu", "num_threads": 1,
+            "feature_cache": str(smoke_cache)}
+    argv = ["run", "--profile", "official", "--data", str(tiny_tree), "--tasks", "checker,gradient",
+            "--out", str(tmp_path / "run")]
+    for key, value in sets.items():
+        argv += ["--set", f"{key}={value}"]
+    assert main(argv) == 0
+    metrics = read_json(tmp_path / "run" / "metrics.json")
+    assert metrics["forgetting"]["image_auroc"] == 0.0 and metrics["routing_accuracy"] is not None
+    assert all(h["nonfinite"] == 0 and len(h["loss"]) == 2 for h in metrics["history"].values())
+    config = read_json(tmp_path / "run" / "config.json")["config"]
+    assert config["coupling"] == "freia" and config["aggregation"] == "unfold" and config["grad_clip"] == 0.5
