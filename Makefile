@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[notebooks,tests]'
+	# notebooks are committed without outputs: git strips them on `git add` (.gitattributes names the filter)
+	if git rev-parse --git-dir > /dev/null 2>&1; then $(VENV)/bin/nbstripout --install --attributes .gitattributes; fi
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -30,7 +32,7 @@ embedded: $(STAMP)
 
 # PROFILE=official QUICK=1 SETS=backbone=efficientnet_lite0: the official model, offline, in minutes
 reproduce: $(STAMP)
-	$(PY) -m decoflow_core.pipeline --data $(DATA) --profile $(PROFILE) --seeds $(SEEDS) --quick $(QUICK) \
+	$(PY) -m decoflow_core.analysis.pipeline --data $(DATA) --profile $(PROFILE) --seeds $(SEEDS) --quick $(QUICK) \
 	  $(foreach pair,$(SETS),--set $(pair))
 
 # the cpu profile's choices on held-out train/good (10%), never on test data, one after the other:

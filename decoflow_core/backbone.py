@@ -20,6 +20,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -137,14 +138,12 @@ def load_classifier(backbone: str, weights: str | None = None) -> tuple[nn.Modul
 
 
 def timm_create(timm_name: str, *, pretrained: bool) -> nn.Module:
-    import timm
     return timm.create_model(timm_name, pretrained=pretrained)
 
 
 def feature_channels(backbone: str) -> int:
     """Channels of the backbone's two stages together (the patch feature size without ``feature_dim``),
     read from timm's model description without loading any weights."""
-    import timm
     spec = BACKBONES[split_backbone(backbone)[0]]
     body = timm.create_model(spec.timm_name, pretrained=False, features_only=True, out_indices=spec.out_indices)
     return sum(body.feature_info.channels())
@@ -223,7 +222,6 @@ class FeatureExtractor(nn.Module):
                                 f"{ROUTER_FEATURES}, got {aggregation!r}, {router_feature!r}")
         spec = BACKBONES[name]
         classifier, self.weight_source = load_classifier(backbone, weights)
-        import timm
         self.body = timm.create_model(spec.timm_name, pretrained=False, features_only=True,
                                       out_indices=spec.out_indices)
         # features_only models keep the classifier's key names for the layers they retain.

@@ -1,18 +1,32 @@
-"""``python -m decoflow_core bench``: throughput, training step time and latency on this machine
-(numbers, not tests)."""
+"""What the kit costs: ``python -m decoflow_core bench`` (throughput, training step time and latency on
+this machine; numbers, not tests) and ``params`` (parameter counts)."""
 from __future__ import annotations
 
 import resource
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .config import make_config
+from .backbone import feature_channels
+from .config import Config, make_config
 from .data import list_categories, load_category
 from .features import extract_features, load_batch
-from .methods import fit, make_learner
-from .train import build_extractor, resolve_device
+from .learners import make_learner
+from .model import build_flow
+from .train import build_extractor, fit, learn, resolve_device
+
+
+def parameter_counts(config: Config, dim: int | None = None) -> dict:
+    """Base and per-task parameters of the config's flow on ``dim`` channels (default the config's
+    feature size), in total and by module."""
+    dim = dim or config.feature_dim or feature_channels(config.backbone)
+    model = build_flow(config, dim)
+    model.add_task("0")
+    counts, breakdown = model.count_parameters(), model.parameter_breakdown()
+    return {"dim": dim, "base": counts["base"], "per_task": counts["per_task"],
+            "base_by_module": breakdown["base"], "per_task_by_module": breakdown["per_task"]}
 
 
 def _peak_rss_mib() -> float:
@@ -33,10 +47,28 @@ def step_seconds(learner, patches: torch.Tensor, config, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+@torch.no_grad()
+def latency(extractor, learner, images: torch.Tensor, repeats: int = 1) -> dict:
+    """Median milliseconds per image for backbone, router and flow, one image at a time (wall time)."""
+    parts = {"backbone": [], "router": [], "flow": []}
+    for _ in range(repeats):
+        for image in images:
+            t0 = time.perf_counter()
+            patch, pooled = extractor(image[None])
+            t1 = time.perf_counter()
+            task = learner.route(pooled.cpu())[0] if learner.uses_router else None
+            t2 = time.perf_counter()
+            learner.patch_nll(task, patch.cpu())
+            t3 = time.perf_counter()
+            for key, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+                parts[key].append(1000 * seconds)
+    return {f"{key} ms": float(np.median(values)) for key, values in parts.items()}
+
+
 def benchmark(*, data: Path, task: str | None, profile: str, sets: dict, n_images: int = 64, steps: int = 3,
               whole_task: bool = True) -> dict:
     """Feature extraction, seconds per training step, (``whole_task``) training one task, and the
-    per-image latency of backbone and flow + router, printed and returned."""
+    median per-image latency of backbone, router and flow, printed and returned."""
     config = make_config(profile, sets)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -48,8 +80,7 @@ def benchmark(*, data: Path, task: str | None, profile: str, sets: dict, n_image
 
     start = time.perf_counter()
     train = extract_features(extractor, category.train, image_size=config.image_size, resize=config.image_resize,
-                             cache_dir=None,
-                             device=device, desc="bench features")
+                             cache_dir=None, device=device, desc="bench features")
     extraction = len(category.train) / (time.perf_counter() - start)
 
     dim = train["patch"].shape[1]
@@ -58,29 +89,24 @@ def benchmark(*, data: Path, task: str | None, profile: str, sets: dict, n_image
     train_seconds = None
     if whole_task:
         start = time.perf_counter()
-        learner.learn(task, train, seed=0)
+        learn(learner, task, train, seed=0)
         train_seconds = time.perf_counter() - start
     else:  # untrained adapters: the latency below is the same
         learner.model.add_task(task)
         learner.router.add_task(task, train["pooled"])
 
-    backbone_ms, flow_ms = [], []
-    for path in paths[:16]:
-        start = time.perf_counter()
-        patch, pooled = extractor(load_batch([path], config.image_size, config.image_resize).to(device))
-        middle = time.perf_counter()
-        routed = learner.route(pooled.cpu())[0]
-        learner.patch_nll(routed, patch.cpu())
-        end = time.perf_counter()
-        backbone_ms.append(1000 * (middle - start))
-        flow_ms.append(1000 * (end - middle))
+    images = torch.cat([load_batch([path], config.image_size, config.image_resize) for path in paths[:16]]).to(device)
+    latency(extractor, learner, images[:1])  # warm-up
+    per_image = latency(extractor, learner, images)
     result = {
         "profile": profile, "device": device, "threads": torch.get_num_threads(), "task": task,
         "feature_extraction_images_per_s": extraction, "feature_dim": dim, "grid": config.grid,
         "batch_size": config.batch_size, "rank": config.rank, "train_seconds_per_step": seconds_per_step,
         "train_seconds_per_task": train_seconds, "train_images": len(category.train), "epochs": config.epochs,
-        "inference_ms_backbone": sum(backbone_ms) / len(backbone_ms),
-        "inference_ms_flow_and_router": sum(flow_ms) / len(flow_ms),
+        "inference_ms_backbone": per_image["backbone ms"], "inference_ms_router": per_image["router ms"],
+        "inference_ms_flow": per_image["flow ms"],
+        "inference_ms_flow_and_router": per_image["router ms"] + per_image["flow ms"],
+        "flow_and_router_share_of_backbone": (per_image["router ms"] + per_image["flow ms"]) / per_image["backbone ms"],
         "peak_memory_mib": _peak_rss_mib(),
     }
     if device == "cuda":

@@ -5,19 +5,18 @@ Bad arguments and bad data end with a one-line ``error: ...`` on stderr and exit
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-EMBEDDED_DIR = REPO / "data" / "embedded"
-
-
-def resolve_data(spec: str) -> Path:
-    """``embedded`` means the kit's own benchmark under data/, built on first use."""
-    if spec != "embedded":
-        return Path(spec)
-    from .embedded import build_embedded
-    return Path(build_embedded(EMBEDDED_DIR, seed=0))
+from .analysis.runs import CRITERIA, save_selection, select
+from .backbone import BackboneError
+from .bench import benchmark, parameter_counts
+from .config import ConfigError, make_config
+from .data import DataError, format_info_table, validate_tree
+from .datasets import EMBEDDED_DIR, build_embedded, resolve_data
+from .datasets.converters import convert_visa
+from .report import format_report, score_images
+from .train import RunError, run
 
 
 def parse_sets(pairs: list[str]) -> dict[str, str]:
@@ -36,7 +35,8 @@ def parse_candidates(specs: list[str] | None) -> dict[str, dict[str, str]]:
     for spec in specs or []:
         name, sep, pairs = spec.partition(":")
         if not sep or not name:
-            raise ValueError(f"--candidate expects NAME:key=value,key=value (or NAME: for the profile as it is), got {spec!r}")
+            raise ValueError(f"--candidate expects NAME:key=value,key=value (or NAME: for the profile as it is), "
+                             f"got {spec!r}")
         out[name] = parse_sets([p for p in pairs.split(",") if p])
     return out
 
@@ -48,20 +48,16 @@ def parse_tasks(spec: str | None) -> list[str] | None:
 
 def cmd_prepare(args) -> int:
     if args.what == "embedded":
-        from .embedded import build_embedded
-        out = build_embedded(args.out or EMBEDDED_DIR, seed=args.seed)
-        print(f"embedded benchmark ready at {out}")
-    else:
-        from .data import convert_visa
-        if not args.src or not args.out:
-            raise ValueError("prepare visa needs --src VISA_ROOT and --out DIR")
-        names = convert_visa(args.src, args.out)
-        print(f"converted {len(names)} VisA objects into {args.out}: {', '.join(names)}")
+        print(f"embedded benchmark ready at {build_embedded(args.out or EMBEDDED_DIR, seed=args.seed)}")
+        return 0
+    if not args.src or not args.out:
+        raise ValueError("prepare visa needs --src VISA_ROOT and --out DIR")
+    names = convert_visa(args.src, args.out)
+    print(f"converted {len(names)} VisA objects into {args.out}: {', '.join(names)}")
     return 0
 
 
 def cmd_info(args) -> int:
-    from .data import format_info_table, validate_tree
     root = resolve_data(args.data)
     print(f"{root}")
     print(format_info_table(validate_tree(root)))
@@ -69,34 +65,25 @@ def cmd_info(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .config import make_config
-    from .train import run
     config = make_config(args.profile, parse_sets(args.set))
     metrics = run(data_root=resolve_data(args.data), tasks=parse_tasks(args.tasks), method=args.method,
                   config=config, seed=args.seed, out=args.out, resume=args.resume)
-    from .report import format_report
     print(format_report([args.out]))
     return 0 if metrics else 1
 
 
 def cmd_score(args) -> int:
-    from .report import score_images
     for line in score_images(args.run, args.images, out_dir=args.out):
         print(line)
     return 0
 
 
 def cmd_report(args) -> int:
-    from .report import format_report
     print(format_report(args.runs, per_task=args.per_task))
     return 0
 
 
 def cmd_select(args) -> int:
-    import pandas as pd
-    from . import files
-    from .config import make_config
-    from .experiments import CRITERIA, data_tag, select
     grid = {key: [v for v in values.split(",") if v] for key, values in parse_sets(args.grid).items()}
     candidates = parse_candidates(args.candidate)
     if bool(grid) == bool(candidates) or (grid and not all(grid.values())):
@@ -107,10 +94,8 @@ def cmd_select(args) -> int:
     best, rows = select(args.out, args.method, grid or None, candidates=candidates or None, data=args.data,
                         tasks=parse_tasks(args.tasks), profile=args.profile, seed=args.seed, sets=sets,
                         val_fraction=args.val_fraction, workers=args.workers, criterion=args.criterion)
-    table = pd.DataFrame(rows)
-    target = Path(args.out) / data_tag(args.data) / f"selection-{args.method}-{'-'.join(grid or candidates)}.csv"
-    files.write_text(target, table.to_csv(index=False))
-    print(table.drop(columns="run").to_string(index=False))
+    target, table = save_selection(args.out, args.data, args.method, list(grid or candidates), rows)
+    print(table)
     print(f"table written to {target}")
     chosen = ", ".join(f"{k}={best[k]}" for k in grid) if grid else best["candidate"]
     print(f"chosen by {CRITERIA[args.criterion][3]}: {chosen}")
@@ -118,23 +103,12 @@ def cmd_select(args) -> int:
 
 
 def cmd_params(args) -> int:
-    import json
-    from .backbone import feature_channels
-    from .config import make_config
-    from .methods import build_flow
     config = make_config(args.profile, parse_sets(args.set))
-    dim = args.dim or config.feature_dim or feature_channels(config.backbone)
-    model = build_flow(config, dim)
-    model.add_task("0")
-    counts = model.count_parameters()
-    breakdown = model.parameter_breakdown()
-    print(json.dumps({"profile": args.profile, "dim": dim, "base": counts["base"], "per_task": counts["per_task"],
-                      "base_by_module": breakdown["base"], "per_task_by_module": breakdown["per_task"]}, indent=1))
+    print(json.dumps({"profile": args.profile, **parameter_counts(config, args.dim)}, indent=1))
     return 0
 
 
 def cmd_bench(args) -> int:
-    from .bench import benchmark
     benchmark(data=resolve_data(args.data), task=args.task, profile=args.profile, sets=parse_sets(args.set),
               steps=args.steps, whole_task=not args.steps_only)
     return 0
@@ -213,10 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .backbone import BackboneError
-    from .config import ConfigError
-    from .data import DataError
-    from .train import RunError
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

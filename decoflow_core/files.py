@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -52,7 +54,6 @@ def write_text(path, text: str) -> Path:
 
 
 def write_torch(path, obj) -> Path:
-    import torch
     return _atomic(path, lambda h: torch.save(obj, h))
 
 

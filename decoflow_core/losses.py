@@ -1,8 +1,11 @@
-"""Training losses: patch negative log-likelihood, the Tail-Aware Loss (Sec. 3.7) and the official
-code's log-det regulariser."""
+"""Training losses: patch negative log-likelihood, the Tail-Aware Loss (Sec. 3.7), the official code's
+log-det regulariser, and the flow's training loss that combines them."""
 import math
 
 import torch
+
+from .config import Config
+from .model import DeCoFlow, gaussian_log_prob
 
 
 def patch_nll(logp, *, dim=None):
@@ -39,3 +42,15 @@ def logdet_penalty(logdet):
     """mean(log|det J|^2) over the patches (B, H, W): the official code adds 1e-4 times this to the
     loss to keep the flow's volume change small; the paper does not mention it."""
     return logdet.pow(2).mean()
+
+
+def training_loss(model: DeCoFlow, x: torch.Tensor, config: Config) -> torch.Tensor:
+    """Tail-Aware Loss (Eq. 21) on the patch NLL of a batch (B, D, H, W) -- per feature dimension
+    unless ``nll_per_dim`` is off -- plus ``lambda_logdet`` times the log-det penalty."""
+    z, logdet = model(x)
+    nll = patch_nll(gaussian_log_prob(z) + logdet, dim=model.dim if config.nll_per_dim else None)
+    loss = tail_aware_loss(nll, lambda_tail=config.lambda_tail, top_k=config.top_k,
+                           per_image=config.tail_scope == "image")
+    if config.lambda_logdet:
+        loss = loss + config.lambda_logdet * logdet_penalty(logdet)
+    return loss

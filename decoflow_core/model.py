@@ -13,8 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flow import (AffineCoupling, DecomposedSubnet, LoRALinear, MLPSubnet, SeparateMLPSubnet, freia_permutations,
-                   random_permutation)
+from .config import Config
+from .flow import (
+    AffineCoupling,
+    DecomposedSubnet,
+    LoRALinear,
+    MLPSubnet,
+    SeparateMLPSubnet,
+    freia_permutations,
+    random_permutation,
+)
 
 
 class TaskAlignment(nn.Module):
@@ -375,3 +383,16 @@ def _compose(first, second):
 
 def _gather(h, index):
     return h if index is None else h.index_select(-1, index)  # index_select: fast backward
+
+
+def build_flow(config: Config, dim: int) -> DeCoFlow:
+    """The flow a config describes, on ``dim``-channel patch features."""
+    return DeCoFlow(dim=dim, n_dcs=config.n_dcs, n_acl=config.n_acl, rank=config.rank, lora_alpha=config.lora_alpha,
+                    hidden_ratio=config.hidden_ratio, context_kernel=config.context_kernel,
+                    alpha_max=config.context_alpha_max, use_tsa=config.use_tsa, standardize=config.standardize,
+                    use_scm=config.use_scm, use_acl=config.use_acl, use_context=config.use_context,
+                    coupling=config.coupling, dcs_zero_init=config.dcs_zero_init, lora_init=config.lora_init,
+                    lora_task_bias=config.lora_task_bias, context_bias=config.context_bias,
+                    context_zero_init=config.context_zero_init, scm_gate=config.scm_gate, scm_init=config.scm_init,
+                    scm_bias=config.scm_bias, tsa_init=config.tsa_init, acl_layout=config.acl_layout,
+                    acl_hidden_ratio=config.acl_hidden_ratio)

@@ -5,10 +5,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import cm
+from PIL import Image
 
 from . import files
 from .config import Config
-from .train import RunError
+from .features import load_batch
+from .learners import make_learner
+from .scoring import image_score, pixel_maps
+from .train import RunError, build_extractor, resolve_device
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -57,8 +62,6 @@ def format_report(run_dirs, per_task: bool = False) -> str:
 
 def load_run(run_dir):
     """(config, extractor, learner, device) of a run directory, from its config and latest checkpoint."""
-    from .methods import make_learner
-    from .train import build_extractor, resolve_device
     run_dir = Path(run_dir)
     for needed in ("config.json", "progress.json"):
         if not (run_dir / needed).exists():
@@ -76,13 +79,6 @@ def load_run(run_dir):
 
 def score_images(run_dir, images, out_dir=None):
     """Route and score each image; write its anomaly map as a PNG. Yields one line per image."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import cm
-    from PIL import Image
-
-    from .features import load_batch
-    from .scoring import image_score, pixel_maps
     config, extractor, learner, device = load_run(run_dir)
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "scores"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Prototype-based task routing (Sec. 3.8): pick the task whose feature prototype is nearest."""
 import torch
+from sklearn.covariance import LedoitWolf
 
 
 class PrototypeRouter:
@@ -34,7 +35,6 @@ class PrototypeRouter:
 
     def _precision(self, feats):  # (N, G) float64 -> (G, G)
         if self.shrinkage == "ledoit_wolf":
-            from sklearn.covariance import LedoitWolf
             cov = torch.from_numpy(LedoitWolf().fit(feats.numpy()).covariance_)
         else:
             cov = torch.cov(feats.T)

@@ -1,5 +1,5 @@
-"""The continual protocol (Sec. 3.1, 4.1): tasks arrive one at a time, no earlier data is kept, and
-no task id is given at inference (the router chooses).
+"""Training: ``fit``, the optimisation loop, and the continual protocol (Sec. 3.1, 4.1): tasks arrive
+one at a time, no earlier data is kept, and no task id is given at inference (the router chooses).
 
 After training task i the learner is evaluated on every task j <= i, filling row i of the
 R[i][j] matrices (image AUROC, pixel AUROC, pixel AP). A run directory receives ``config.json``,
@@ -9,6 +9,7 @@ restarted with ``resume=True`` continues after the last finished task and ends w
 """
 from __future__ import annotations
 
+import math
 import platform
 import subprocess
 import time
@@ -16,21 +17,110 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
+from timm.optim import AdamP
 from tqdm.auto import tqdm
 
 from . import files
 from .backbone import FeatureExtractor
 from .config import Config, as_dict, changed_fields
-from .data import DataError, Category, list_categories, load_category, load_image, mask_for
+from .data import Category, list_categories, load_category, load_image, mask_for
+from .datasets.synthetic import synthetic_defects
 from .features import array_features, extract_features
-from .methods import METHODS, Learner, make_learner
-from .metrics import backward_transfer, forgetting, image_auroc, image_auroc_by_type, pixel_auroc_ap
+from .learners import METHODS, Learner, make_learner
+from .losses import training_loss
+from .metrics import (
+    backward_transfer,
+    forgetting,
+    image_auroc,
+    image_auroc_by_type,
+    pixel_auroc_ap,
+)
 from .scoring import image_score, pixel_maps
-from .synthetic import synthetic_defects
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
 REPO = Path(__file__).resolve().parents[1]
+
+
+def epoch_lr(config: Config, epoch: int, *, first: bool) -> float:
+    """The learning rate of ``epoch`` (0-based). A task after the first warms up linearly over
+    ``warmup_epochs`` (lr (e + 1) / warmup), then follows the schedule from its start: constant, or
+    cosine from lr to lr_min_ratio * lr over ``epochs`` epochs (as torch's CosineAnnealingLR with
+    T_max = epochs stepped once per epoch; the official code starts it after the warm-up, so a
+    later task's last epoch stops short of the minimum)."""
+    warmup = 0 if first else config.warmup_epochs
+    if epoch < warmup:
+        return config.lr * (epoch + 1) / warmup
+    if config.lr_schedule == "constant":
+        return config.lr
+    if config.lr_schedule != "cosine":
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
+    low = config.lr_min_ratio * config.lr
+    return low + (config.lr - low) * (1 + math.cos(math.pi * (epoch - warmup) / config.epochs)) / 2
+
+
+DROP_LAST_FROM = 32  # the official loader drops the last partial batch from 32 training images on
+
+
+def fit(model: torch.nn.Module, params: list, patches: torch.Tensor, config: Config, *, seed: int,
+        penalty=None, replay: torch.Tensor | None = None, desc: str = "train", loss_fn=None,
+        first: bool = True) -> dict:
+    """Train ``params`` with AdamP for ``config.epochs`` epochs on patch features (N, D, H, W).
+
+    ``loss_fn(model, x)`` defaults to the flow's ``training_loss``. The lr follows ``epoch_lr``
+    (``first``: the model's first task, no warm-up); gradients are clipped to ``grad_clip``. Every
+    epoch runs to the end: no epoch is chosen by any score. A non-finite loss skips its step and is
+    counted, as is a loss above ``skip_loss_above``.
+    Returns {"loss": [mean loss per epoch], "nonfinite": count, "skipped": count}.
+    """
+    loss_fn = loss_fn or (lambda m, x: training_loss(m, x, config))
+    device = next(model.parameters()).device
+    optimizer = AdamP(params, lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    drop_last = config.drop_last and len(patches) >= DROP_LAST_FROM
+    model.train()
+    history, nonfinite, skipped = [], 0, 0
+    for epoch in tqdm(range(config.epochs), desc=desc, unit="epoch", leave=False):
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(config, epoch, first=first)
+        losses = []
+        for idx in torch.randperm(len(patches), generator=generator).split(config.batch_size):
+            if drop_last and len(idx) < config.batch_size:
+                continue
+            x = patches[idx]
+            if replay is not None and len(replay):
+                pick = torch.randint(len(replay), (max(1, len(idx) // 2),), generator=generator)
+                x = torch.cat([x, replay[pick]])
+            loss = loss_fn(model, x.to(device))
+            if penalty is not None:
+                loss = loss + penalty()
+            if not torch.isfinite(loss):
+                nonfinite += 1
+                continue
+            if config.skip_loss_above is not None and loss.item() > config.skip_loss_above:
+                skipped += 1
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            losses.append(loss.item())
+        history.append(sum(losses) / max(1, len(losses)))
+    model.eval()
+    return {"loss": history, "nonfinite": nonfinite, "skipped": skipped}
+
+
+def learn(learner: Learner, task: str, features: dict, *, seed: int) -> dict:
+    """One task: the learner's plan, ``fit``, then whatever the learner does after training."""
+    plan = learner.prepare_task(task, features, seed=seed)
+    log = {"loss": [], "nonfinite": 0, "skipped": 0}
+    if plan is not None:
+        log = fit(plan.model, plan.params, features["patch"], plan.config, seed=seed, penalty=plan.penalty,
+                  replay=plan.replay, desc=task, loss_fn=plan.loss_fn, first=plan.first)
+    learner.finish_task(task, features, seed=seed)
+    return log
 
 
 class RunError(ValueError):
@@ -139,7 +229,6 @@ def evaluate_task(learner: Learner, data: TaskData, config: Config, *, oracle: b
 
 def run_metadata(config: Config, extractor: FeatureExtractor, method: str, tasks: list[str],
                  data_root: Path, seed: int) -> dict:
-    import timm
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
@@ -301,9 +390,9 @@ def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: 
         if method == "joint":
             joined = {"patch": torch.cat([d.train["patch"] for d in data]),
                       "pooled": torch.cat([d.train["pooled"] for d in data])}
-            log = learner.learn("all_tasks", joined, seed=seed * 1000 + step)
+            log = learn(learner, "all_tasks", joined, seed=seed * 1000 + step)
         else:
-            log = learner.learn(task, data[step].train, seed=seed * 1000 + step)
+            log = learn(learner, task, data[step].train, seed=seed * 1000 + step)
         progress["seconds"]["train"][task] = time.perf_counter() - start
         if config.val_fraction:  # right after learning, with the task's own parameters
             for j in (range(len(tasks)) if method == "joint" else [step]):

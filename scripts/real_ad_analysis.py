@@ -18,13 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decoflow_core import files  # noqa: E402
-from decoflow_core.analysis import markdown_table  # noqa: E402
+from decoflow_core.analysis.context import markdown_table  # noqa: E402
 from decoflow_core.config import Config  # noqa: E402
-from decoflow_core.methods import PaDiMReference  # noqa: E402
+from decoflow_core.learners.baselines import PaDiMReference  # noqa: E402
 from decoflow_core.metrics import image_auroc, image_auroc_by_type  # noqa: E402
 from decoflow_core.report import load_run  # noqa: E402
 from decoflow_core.scoring import image_score  # noqa: E402
-from decoflow_core.train import load_task  # noqa: E402
+from decoflow_core.train import learn, load_task  # noqa: E402
 
 
 def ring_mask(grid: int) -> torch.Tensor:
@@ -58,7 +58,7 @@ def gaussian_scores(train: torch.Tensor, test: torch.Tensor, per_position: bool,
     reference, or (``per_position=False``) the same with every patch a sample of one shared position."""
     if per_position:
         padim = PaDiMReference(Config(), train.shape[1], "cpu", reg=reg)
-        padim.learn("task", {"patch": train}, seed=0)
+        learn(padim, "task", {"patch": train}, seed=0)
         return padim.patch_nll("task", test.float()).to(test.dtype)
     as_one_position = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1], 1, 1)  # (N*H*W, D, 1, 1)
     n, _, h, w = test.shape

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny MVTec-layout tree and the overrides that make runs take seconds."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,48 @@ def smoke_args(smoke_cache) -> list[str]:
     for key, value in sets.items():
         args += ["--set", f"{key}={value}"]
     return args
+
+
+# ----------------------------------------------------------------------------- runs through the CLI
+ALL_TASKS = ["checker", "gradient", "noise"]  # "noise" is the category without masks
+TWO_TASKS = ["gradient", "noise"]
+
+
+def run_argv(data, out, smoke_args, *, method="decoflow", tasks=ALL_TASKS, extra=()) -> list[str]:
+    return ["run", "--data", str(data), "--tasks", ",".join(tasks), "--method", method, "--seed", "0",
+            "--out", str(out), *smoke_args, *extra]
+
+
+@pytest.fixture(scope="session")
+def run_method(tiny_tree, smoke_args, tmp_path_factory):
+    """run_method(method, tasks, extra) -> run directory, trained on first request only."""
+    from decoflow_core.cli import main
+    done = {}
+
+    def _run(method="decoflow", tasks=ALL_TASKS, extra=()):
+        key = (method, tuple(tasks), tuple(extra))
+        if key not in done:
+            out = tmp_path_factory.mktemp(f"run-{method}") / "run"
+            assert main(run_argv(tiny_tree, out, smoke_args, method=method, tasks=tasks, extra=extra)) == 0
+            done[key] = out
+        return done[key]
+
+    return _run
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def read_matrix(path: Path) -> tuple[list[str], list[str], list[list[str]]]:
+    """(column names, row names, cells as written) of one of the run's CSV matrices."""
+    header, *lines = path.read_text().strip().splitlines()
+    rows = [line.split(",") for line in lines]
+    return header.split(",")[1:], [r[0] for r in rows], [r[1:] for r in rows]
+
+
+def error_line(capsys) -> str:
+    """The whole of stderr, which must be exactly one ``error: ...`` line."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]

@@ -2,12 +2,18 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-import torch.nn.functional as F
-
-from decoflow_core.backbone import (BackboneError, FeatureExtractor, load_classifier, map_by_order,
-                                    positional_encoding_2d, split_backbone, unfold_aggregate)
+from decoflow_core.backbone import (
+    BackboneError,
+    FeatureExtractor,
+    load_classifier,
+    map_by_order,
+    positional_encoding_2d,
+    split_backbone,
+    unfold_aggregate,
+)
 from decoflow_core.features import extract_features
 
 

@@ -1,11 +1,11 @@
-"""Dataset layer: MVTec-layout loading, tree validation, VisA conversion.
+"""Dataset layer: MVTec-layout loading and tree validation.
 
-Trees are generated in tmp_path; the real images in ../shared/data/real_ad are only read
-when that folder is present.
+Trees are generated in tmp_path; a real MVTec-layout tree is read only when the environment variable
+DECOFLOW_REAL_AD names one (with bottle and magnetic_tile).
 """
 from __future__ import annotations
 
-import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,6 @@ from decoflow_core.data import (
     Category,
     DataError,
     Sample,
-    convert_visa,
     format_info_table,
     list_categories,
     load_category,
@@ -26,7 +25,7 @@ from decoflow_core.data import (
     validate_tree,
 )
 
-REAL_AD = Path(__file__).resolve().parents[1].parent / "shared/data/real_ad"
+REAL_AD = os.environ.get("DECOFLOW_REAL_AD")  # an MVTec-layout tree holding bottle and magnetic_tile
 
 
 def write_image(path: Path, size=(32, 32), mode="RGB", value=128) -> Path:
@@ -319,98 +318,14 @@ def test_sample_is_immutable():
         sample.label = 1
 
 
-# ----------------------------------------------------------------------------- VisA
-
-
-def make_visa(src: Path) -> dict:
-    """A tiny release in VisA's layout; returns the source arrays of every mask by (object, stem)."""
-    rows, masks = [], {}
-    for obj, shift in (("candle", 0), ("pcb1", 40)):
-        images = src / obj / "Data/Images"
-        for i in range(4):
-            write_image(images / f"Normal/{i:04d}.JPG", size=(40, 30), value=(shift + i, 100, 100))
-            split = "train" if i < 3 else "test"
-            rows.append([obj, split, "normal", f"{obj}/Data/Images/Normal/{i:04d}.JPG", ""])
-        for i, labels in enumerate([(1,), (1, 2)]):
-            write_image(images / f"Anomaly/{i:03d}.JPG", size=(40, 30), value=(shift, 0, 200))
-            values = np.zeros((30, 40), dtype=np.uint8)
-            for k, label in enumerate(labels):
-                values[5 + 10 * k:10 + 10 * k, 5:15] = label
-            mask_path = src / obj / f"Data/Masks/Anomaly/{i:03d}.png"
-            mask_path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(values).save(mask_path)
-            masks[obj, f"{i:03d}"] = values
-            rows.append([obj, "test", "anomaly", f"{obj}/Data/Images/Anomaly/{i:03d}.JPG",
-                         f"{obj}/Data/Masks/Anomaly/{i:03d}.png"])
-    (src / "split_csv").mkdir(parents=True)
-    with (src / "split_csv/1cls.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["object", "split", "label", "image", "mask"])
-        writer.writerows(rows)
-    return masks
-
-
-def test_convert_visa_gives_a_loadable_mvtec_tree(tmp_path: Path):
-    source_masks = make_visa(tmp_path / "visa")
-    out = tmp_path / "converted"
-    assert convert_visa(tmp_path / "visa", out, progress=False) == ["candle", "pcb1"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "visa"]  # no staging left
-    assert [s["category"] for s in validate_tree(out)] == ["candle", "pcb1"]
-    for obj in ("candle", "pcb1"):
-        category = load_category(out, obj)
-        assert [p.name for p in category.train] == ["0000.JPG", "0001.JPG", "0002.JPG"]
-        assert [(s.defect_type, s.path.name) for s in category.test] == [
-            ("bad", "000.JPG"), ("bad", "001.JPG"), ("good", "0003.JPG")]
-        assert category.has_masks
-        source_image = tmp_path / f"visa/{obj}/Data/Images/Normal/0000.JPG"
-        assert category.train[0].read_bytes() == source_image.read_bytes()  # copied, not re-encoded
-        for sample in category.test[:2]:
-            written = np.asarray(Image.open(sample.mask_path))
-            assert set(np.unique(written)) == {0, 255}
-            assert ((written == 255) == (source_masks[obj, sample.path.stem] > 0)).all()
-
-
-def test_convert_visa_into_an_existing_root_keeps_other_categories(tmp_path: Path):
-    make_visa(tmp_path / "visa")
-    out = tmp_path / "data"
-    make_category(out, "widget")
-    convert_visa(tmp_path / "visa", out, progress=False)
-    assert list_categories(out) == ["candle", "pcb1", "widget"]
-    with pytest.raises(DataError, match=str(out / "candle")):
-        convert_visa(tmp_path / "visa", out, progress=False)
-
-
-def test_convert_visa_without_csv(tmp_path: Path):
-    (tmp_path / "visa").mkdir()
-    with pytest.raises(DataError, match=str(tmp_path / "visa/split_csv/1cls.csv")):
-        convert_visa(tmp_path / "visa", tmp_path / "out", progress=False)
-
-
-def test_convert_visa_missing_file_leaves_nothing_behind(tmp_path: Path):
-    make_visa(tmp_path / "visa")
-    missing = tmp_path / "visa/pcb1/Data/Masks/Anomaly/001.png"
-    missing.unlink()
-    with pytest.raises(DataError, match=str(missing)):
-        convert_visa(tmp_path / "visa", tmp_path / "out", progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["visa"]
-
-
-def test_convert_visa_rejects_a_foreign_csv(tmp_path: Path):
-    (tmp_path / "visa/split_csv").mkdir(parents=True)
-    csv_path = tmp_path / "visa/split_csv/1cls.csv"
-    csv_path.write_text("name,path\nx,y\n")
-    with pytest.raises(DataError, match=str(csv_path)):
-        convert_visa(tmp_path / "visa", tmp_path / "out", progress=False)
-
-
 # ----------------------------------------------------------------------------- real data
 
 
 @pytest.fixture
 def real_ad() -> Path:
-    if not REAL_AD.is_dir():
-        pytest.skip(f"real data not found at {REAL_AD} (only present beside the development checkout)")
-    return REAL_AD
+    if not REAL_AD or not Path(REAL_AD).is_dir():
+        pytest.skip("set DECOFLOW_REAL_AD to an MVTec-layout tree with bottle and magnetic_tile to run this test")
+    return Path(REAL_AD)
 
 
 def test_real_ad_loads_and_validates(real_ad: Path):

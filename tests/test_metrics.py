@@ -3,7 +3,13 @@ import math
 import numpy as np
 import pytest
 
-from decoflow_core.metrics import backward_transfer, forgetting, image_auroc, image_auroc_by_type, pixel_auroc_ap
+from decoflow_core.metrics import (
+    backward_transfer,
+    forgetting,
+    image_auroc,
+    image_auroc_by_type,
+    pixel_auroc_ap,
+)
 
 NAN = float("nan")
 

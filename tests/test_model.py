@@ -7,9 +7,16 @@ import torch
 from timm.optim import AdamP
 from torch.autograd.functional import jacobian
 
-from decoflow_core.flow import AffineCoupling, DecomposedSubnet, LoRALinear, MLPSubnet, random_permutation
+from decoflow_core.flow import (
+    AffineCoupling,
+    DecomposedSubnet,
+    LoRALinear,
+    MLPSubnet,
+    random_permutation,
+)
 from decoflow_core.losses import patch_nll, tail_aware_loss
 from decoflow_core.model import DeCoFlow, TaskAlignment
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -322,7 +329,7 @@ def test_parameter_count_matches_formula(dim):
 def test_config_lora_alpha_sets_the_lora_scale_alpha_over_rank():
     from decoflow_core.config import make_config
     from decoflow_core.flow import LoRALinear
-    from decoflow_core.methods import build_flow
+    from decoflow_core.model import build_flow
     for alpha, scale in ((None, 1.0), ("8", 0.5), ("32", 2.0)):
         sets = {"rank": "16"} if alpha is None else {"rank": "16", "lora_alpha": alpha}
         model = build_flow(make_config("smoke", sets), dim=8)

@@ -18,12 +18,17 @@ import torch
 
 from decoflow_core import load_official_state_dict
 from decoflow_core.config import make_config
-from decoflow_core.losses import logdet_penalty, patch_nll, tail_aware_loss
-from decoflow_core.methods import epoch_lr, fit, training_loss
-from decoflow_core.model import gaussian_log_prob
+from decoflow_core.losses import (
+    logdet_penalty,
+    patch_nll,
+    tail_aware_loss,
+    training_loss,
+)
+from decoflow_core.model import build_flow, gaussian_log_prob
 from decoflow_core.official import OfficialImportError, kit_key
 from decoflow_core.router import PrototypeRouter
 from decoflow_core.scoring import image_score, pixel_maps
+from decoflow_core.train import epoch_lr, fit
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official_decoflow_fixture.pt"
 TOLERANCE = 1e-5
@@ -174,7 +179,6 @@ def test_an_unknown_key_is_refused_by_name(fixture):
 def test_official_init_matches_the_official_code():
     """Initial values the official code documents: gamma 0.998 then 1.25, context alpha 0.1 with a
     zero conv, the mixer a 1/9 box with gate 0.5, LoRA B and task biases zero, ACL the identity."""
-    from decoflow_core.methods import build_flow
     model = build_flow(make_config("official"), 32)
     model.add_task("0")
     model.add_task("1")
@@ -229,7 +233,7 @@ def test_lr_schedule_matches_torch_cosine_annealing_as_the_official_code_steps_i
 
 def test_fit_uses_the_schedule_and_clips_the_gradient_norm(monkeypatch):
     """One parameter, loss = 10 * w: gradient 10, clipped to 0.5; the lr of each epoch is the schedule's."""
-    import timm.optim
+    from decoflow_core import train
     seen = []
 
     class Recorder(torch.optim.SGD):
@@ -240,7 +244,7 @@ def test_fit_uses_the_schedule_and_clips_the_gradient_norm(monkeypatch):
             seen.append((self.param_groups[0]["lr"], self.param_groups[0]["params"][0].grad.item()))
             super().step()
 
-    monkeypatch.setattr(timm.optim, "AdamP", Recorder)
+    monkeypatch.setattr(train, "AdamP", Recorder)
     config = make_config("official").replace(epochs=4, lr=1.0, batch_size=2, grad_clip=0.5)
     weight = torch.nn.Parameter(torch.zeros(1))
     model = torch.nn.Linear(1, 1)
@@ -269,6 +273,7 @@ def test_drop_last_from_32_images(monkeypatch):
 def test_params_command_gives_the_official_counts(capsys):
     """`params --profile official --dim 768` against the official code's own counts (D=768, r=64)."""
     import json
+
     from decoflow_core.cli import main
     official = json.loads((Path(__file__).parent / "fixtures" / "official_param_counts.json").read_text())
     assert main(["params", "--profile", "official", "--dim", "768"]) == 0

@@ -5,7 +5,8 @@ from pathlib import Path
 import torch
 
 from decoflow_core.config import make_config
-from decoflow_core.methods import PaDiMReference
+from decoflow_core.learners.baselines import PaDiMReference
+from decoflow_core.train import learn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import real_ad_analysis  # noqa: E402
@@ -15,7 +16,7 @@ def test_the_per_position_gaussian_is_the_padim_reference_and_the_shared_one_ign
     gen = torch.Generator().manual_seed(0)
     train, test = torch.randn(30, 3, 4, 4, generator=gen).double(), torch.randn(5, 3, 4, 4, generator=gen).double()
     padim = PaDiMReference(make_config("smoke"), 3, "cpu")
-    padim.learn("t", {"patch": train}, seed=0)
+    learn(padim, "t", {"patch": train}, seed=0)
     ours = real_ad_analysis.gaussian_scores(train, test, per_position=True)
     assert torch.allclose(ours.float(), padim.patch_nll("t", test.float()), rtol=1e-4, atol=1e-4)
     shifted = train + torch.arange(16.0, dtype=torch.double).view(1, 1, 4, 4)  # a mean that depends on position

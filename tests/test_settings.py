@@ -3,7 +3,12 @@ import dataclasses
 from pathlib import Path
 
 from decoflow_core.config import Config, make_config
-from decoflow_core.settings import PROFILE_COLUMNS, SETTINGS, settings_markdown, settings_table
+from decoflow_core.settings import (
+    PROFILE_COLUMNS,
+    SETTINGS,
+    settings_markdown,
+    settings_table,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -12,7 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import papermill as pm
+
+from ..datasets import resolve_data
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def notebook_parameters(args) -> dict:
@@ -20,6 +24,14 @@ def notebook_parameters(args) -> dict:
     return {"DATA": args.data, "PROFILE": args.profile, "QUICK": bool(int(args.quick)),
             "SEEDS": [int(s) for s in str(args.seeds).split(",") if s != ""],
             "RUN_ROOT": str(REPO / "runs"), "SETS": sets}
+
+
+def execute(notebook: Path, out: Path, params: dict, **papermill_options) -> None:
+    """Run one notebook with papermill as ``make reproduce`` does: in notebooks/, without text progress
+    bars in the executed copy (JupyterLab shows them as widgets when the notebook is run by hand)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the kernel inherits it
+    pm.execute_notebook(str(notebook), str(out), parameters=params, cwd=str(REPO / "notebooks"),
+                        progress_bar=False, kernel_name="python3", **papermill_options)
 
 
 def main(argv=None) -> int:
@@ -34,7 +46,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.data == "embedded":
-        from .cli import resolve_data
         print(f"data: embedded benchmark at {resolve_data('embedded')}")
     notebooks = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     if args.only:
@@ -42,8 +53,6 @@ def main(argv=None) -> int:
     if not notebooks:
         print("no notebooks in notebooks/ yet: nothing more to run")
         return 0
-    import papermill as pm
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the kernels inherit it: no progress-bar noise in executed copies
     params = notebook_parameters(args)
     out_dir = REPO / "runs" / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -52,8 +61,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         print(f"[{index}/{len(notebooks)}] {notebook.name} ...", flush=True)
         try:
-            pm.execute_notebook(str(notebook), str(out_dir / notebook.name), parameters=params,
-                                cwd=str(REPO / "notebooks"), progress_bar=False, kernel_name="python3")
+            execute(notebook, out_dir / notebook.name, params)
         except pm.PapermillExecutionError as err:
             print(f"FAILED: {notebook.name}, cell {err.exec_count}: {err.ename}: {err.evalue}", file=sys.stderr)
             print(f"executed copy with the traceback: {out_dir / notebook.name}", file=sys.stderr)

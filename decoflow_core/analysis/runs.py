@@ -16,10 +16,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import torch
 
-from . import files
-from .config import changed_fields, make_config
-from .train import METRICS, RunError, run
+from .. import files
+from ..config import changed_fields, make_config
+from ..datasets import resolve_data
+from ..report import load_metrics
+from ..train import METRICS, RunError, run
 
 
 def run_name(method: str, profile: str, seed: int, sets: dict | None, tag: str | None,
@@ -46,7 +50,6 @@ def ensure_run(run_root, method: str, *, data: str = "embedded", tasks=None, pro
                seed: int = 0, sets: dict | None = None, tag: str | None = None,
                progress_bar: bool = True) -> Path:
     """``tasks=None`` means every category alphabetically (the default stream)."""
-    from .cli import resolve_data
     out = run_dir(run_root, method, data=data, tasks=tasks, profile=profile, seed=seed, sets=sets, tag=tag)
     config = make_config(profile, {k: str(v) for k, v in (sets or {}).items()})
     if (out / "metrics.json").exists():
@@ -70,12 +73,7 @@ def load_matrix(run_dir, metric: str = "image_auroc"):
     return np.array(rows), tasks
 
 
-def load_metrics(run_dir) -> dict:
-    return files.read_json(Path(run_dir) / "metrics.json")
-
-
 def _train_one(job: dict) -> str:
-    import torch
     torch.set_num_threads(1)  # one thread per worker: on few cores, parallel runs beat threads
     return str(ensure_run(**job, progress_bar=False))
 
@@ -149,3 +147,11 @@ def select(run_root, method: str, grid: dict[str, list[str]] | None = None, *, c
     for row in rows:
         row["chosen"] = row is best
     return best, rows
+
+
+def save_selection(run_root, data: str, method: str, names: list[str], rows: list[dict]) -> tuple[Path, str]:
+    """Write a selection's rows to ``ROOT/<data>/selection-<method>-<names>.csv``; (path, printable table)."""
+    table = pd.DataFrame(rows)
+    target = Path(run_root) / data_tag(data) / f"selection-{method}-{'-'.join(names)}.csv"
+    files.write_text(target, table.to_csv(index=False))
+    return target, table.drop(columns="run").to_string(index=False)

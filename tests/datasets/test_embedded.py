@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from decoflow_core import embedded
-from decoflow_core.embedded import EMBEDDED_CATEGORIES, build_embedded
+from decoflow_core.datasets import embedded
+from decoflow_core.datasets.embedded import EMBEDDED_CATEGORIES, build_embedded
 
 SMALL = ("grass", "screw")      # one texture, one object: a build of these takes a few seconds
 

@@ -3,7 +3,7 @@
 
 The paper names these comparisons but gives no architecture, size or objective for them; everything
 below is our reading. What all four share with DeCoFlow: the same patch features, the same training
-loop (``methods.fit``: AdamP, the profile's epochs, batch size, lr and task_lr, no epoch selection), the
+loop (``train.fit``: AdamP, the profile's epochs, batch size, lr and task_lr, no epoch selection), the
 prototype router for task-agnostic inference, and the isolation scheme. Task 0 trains the shared
 base together with its own adapter; the base is then frozen for good and every later task trains
 only its own parameters, so earlier tasks' scores never change.
@@ -36,9 +36,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .flow import LoRALinear
-from .losses import tail_aware_loss
-from .methods import Learner, build_flow, fit, task_config, training_loss
+from ..flow import LoRALinear
+from ..losses import tail_aware_loss, training_loss
+from ..model import build_flow
+from .base import Learner, TrainingPlan, task_config
 
 TEACHER_SEED = 1234  # the ts_lora teacher's weights; fixed, so every run and task has the same teacher
 
@@ -137,7 +138,7 @@ class _LoRALearner(_RoutedLearner):
         score, width = self.patch_score(x.permute(0, 2, 3, 1), train=True)
         return tail_aware_loss(score / width, lambda_tail=self.config.lambda_tail, top_k=self.config.top_k)
 
-    def learn(self, task, features, *, seed):
+    def prepare_task(self, task, features, *, seed):
         first = not self.tasks
         self.net.add_task(task)
         self.net.set_task(task)
@@ -145,11 +146,12 @@ class _LoRALearner(_RoutedLearner):
         params = list(self.net.task_named(task).values())
         if first:
             params += [p for p in self.net.base_named().values() if p.requires_grad]
-        log = fit(self.net, params, features["patch"], task_config(self.config, first), seed=seed,
-                  desc=task, loss_fn=lambda net, x: self._loss(x))
+        return TrainingPlan(self.net, params, task_config(self.config, first), first=first,
+                            loss_fn=lambda net, x: self._loss(x))
+
+    def finish_task(self, task, features, *, seed):
         self._freeze_base()
-        self.router.add_task(task, features["pooled"])
-        return log
+        super().finish_task(task, features, seed=seed)
 
     def state_dict(self):
         clone = lambda named: {k: p.detach().clone() for k, p in named.items()}
@@ -223,20 +225,20 @@ class FeaturePromptLearner(_RoutedLearner):
         self.flow.set_task(self.flow.tasks[0])  # every task is scored with task 0's flow
         return -self.flow.log_prob(self._input(task, x))
 
-    def learn(self, task, features, *, seed):
+    def prepare_task(self, task, features, *, seed):
         patches = features["patch"]
         if not self.flow.tasks:
             self.grid = tuple(patches.shape[2:])
             self.flow.add_task(task)
             self.flow.set_task(task)
-            log = fit(self.flow, self.flow.trainable_parameters(), patches, self.config, seed=seed, desc=task)
-            self.flow.requires_grad_(False)
-        else:
-            self.prompts[task] = nn.Parameter(torch.zeros(patches.shape[1:], device=self.device))
-            log = fit(self.flow, [self.prompts[task]], patches, task_config(self.config, False), seed=seed,
-                      desc=task, loss_fn=lambda flow, x: training_loss(flow, self._input(task, x), self.config))
-        self.router.add_task(task, features["pooled"])
-        return log
+            return TrainingPlan(self.flow, self.flow.trainable_parameters(), self.config)
+        self.prompts[task] = nn.Parameter(torch.zeros(patches.shape[1:], device=self.device))
+        return TrainingPlan(self.flow, [self.prompts[task]], task_config(self.config, False), first=False,
+                            loss_fn=lambda flow, x: training_loss(flow, self._input(task, x), self.config))
+
+    def finish_task(self, task, features, *, seed):
+        self.flow.requires_grad_(False)
+        super().finish_task(task, features, seed=seed)
 
     def state_dict(self):
         first = self.flow.tasks[:1]
@@ -262,7 +264,3 @@ class FeaturePromptLearner(_RoutedLearner):
         base = sum(p.numel() for p in self.flow.parameters())  # the whole flow: base and task 0
         per_task = self.dim * self.grid[0] * self.grid[1]
         return {"base": base, "per_task": per_task, "per_task_ratio": per_task / base}
-
-
-ALTERNATIVES = {"ae_lora": AELoRALearner, "vae_lora": VAELoRALearner, "ts_lora": TSLoRALearner,
-                "feature_prompt": FeaturePromptLearner}

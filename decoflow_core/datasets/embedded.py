@@ -24,6 +24,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 from scipy.spatial import cKDTree
+from skimage import data as skimage_data
+from skimage import filters, measure
+from tqdm.auto import tqdm
 
 SIZE = 128                       # images are SIZE x SIZE; 128 keeps the full build under 60 MB
 N_TRAIN, N_TEST_GOOD, N_PER_DEFECT = 150, 30, 15
@@ -90,9 +93,7 @@ def _polyline_distance(points):
 @lru_cache(maxsize=None)
 def _photo(name, blur=0.0):
     """A scikit-image sample photo as float32 in [0, 1]; `blur` (px) avoids aliasing when zooming out."""
-    import skimage.data
-
-    img = getattr(skimage.data, name)().astype(np.float32) / 255
+    img = getattr(skimage_data, name)().astype(np.float32) / 255
     if blur:
         img = ndimage.gaussian_filter(img, (blur, blur, 0)[: img.ndim])
     return img
@@ -188,8 +189,6 @@ _COIN_FRAME = 2.5                # the view spans this many coin radii
 @lru_cache(maxsize=None)
 def _coins():
     """(x, y, radius) of each coin in skimage's coins photo, found by thresholding."""
-    from skimage import filters, measure
-
     img = _photo("coins")
     mask = ndimage.binary_fill_holes(ndimage.binary_opening(img > filters.threshold_otsu(img), iterations=2))
     regions = measure.regionprops(measure.label(mask))
@@ -671,8 +670,6 @@ def build_embedded(out: str | Path, seed: int = 0, progress: bool = True,
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        from tqdm.auto import tqdm
-
         counts = {name: _write_category(tmp, name, seed)
                   for name in tqdm(names, desc="embedded benchmark", unit="category", disable=not progress)}
         record = {**wanted, "image_size": SIZE, "counts": counts}

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from decoflow_core.synthetic import paste_defect, synthetic_defects
+from decoflow_core.datasets.synthetic import paste_defect, synthetic_defects
 
 
 def _images(n=3, size=64):

@@ -1,10 +1,6 @@
-"""What the numbered notebooks compute, so that the notebooks stay thin.
-
-``Context`` is one notebook's view of the kit: the task stream, the shared runs (trained once by
-``experiments.ensure_run`` and reused by every later notebook), where figures and tables go, and
-the JSON record of the numbers the notebook asserts on. The functions below it each serve one paper
-item; their docstrings say which.
-"""
+"""A notebook's view of the kit: its task stream, the shared runs (trained once by ``runs.ensure_run``
+and reused by every later notebook), where figures and tables go, and the JSON record of the numbers
+the notebook asserts on."""
 from __future__ import annotations
 
 import math
@@ -14,22 +10,38 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import files
-from .config import Config, make_config
-from .experiments import ensure_run, load_metrics
+from .. import files
+from ..config import Config, make_config
+from ..data import list_categories
+from ..datasets import resolve_data
+from ..train import build_extractor, load_task, resolve_device
+from .plots import save_figure
+from .runs import ensure_run, ensure_runs, load_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+try:  # in a notebook a figure is shown as an image; elsewhere its path is returned
+    from IPython.display import Image
+except ImportError:
+    Image = None
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
 QUICK_TASKS = 3
+
+
 # sensitivity sweeps (rank, TAL) run on the first tasks only, except with PROFILE=paper or official
 SENSITIVITY_TASKS = 5
+
+
 # QUICK changes sizes only, never the code path: one epoch, a shallower flow, the embedded images'
 # own 128 px, and pixel metrics at 64 x 64.
 QUICK_SETS = {"epochs": 1, "n_dcs": 2, "n_acl": 1, "image_size": 128, "eval_size": 64}
+
+
 FULL_PROFILES = ("paper", "official")  # GPU-scale profiles: sweeps run on the whole stream
-PAPER_MVTEC = {"I-AUROC": 98.05, "P-AUROC": 97.81, "P-AP": 55.80, "FM (I-AUROC)": 0.0, "routing": 100.0}
 
 
-# ----------------------------------------------------------------------------- notebook context
 def task_stream(available: list[str], tasks: list[str] | None, quick: bool) -> list[str]:
     """The task order (Sec. 3.1): ``tasks`` as given, or every category alphabetically; QUICK keeps
     the first three."""
@@ -57,8 +69,6 @@ class Context:
 
     def __init__(self, name: str, *, data: str, tasks, profile: str, seeds, quick: bool, run_root,
                  threads: int = 0, workers: int = 1, sets: dict | None = None):
-        from .cli import resolve_data
-        from .data import list_categories
         if threads:
             torch.set_num_threads(threads)  # on a shared CPU, oversubscribed threads cost several times over
         self.name, self.profile, self.quick = name, profile, bool(quick)
@@ -118,12 +128,10 @@ class Context:
     def prefetch(self, runs: list[tuple]) -> None:
         """Train the missing runs of [(method, seed, {keyword arguments of ``run``}), ...] in
         ``self.workers`` parallel processes; the ``run`` calls that follow then find them."""
-        from .experiments import ensure_runs
         ensure_runs(self.run_root, [self._job(method, seed, **kw) for method, seed, kw in runs], self.workers)
 
     def features(self, **changes) -> dict:
         """{task: train.TaskData} of the stream's features (read from the feature cache)."""
-        from .train import build_extractor, load_task, resolve_device
         config = self.config(**changes)
         key = tuple(getattr(config, k) for k in ("backbone", "backbone_weights", "image_size", "image_resize", "grid",
                                                  "aggregation", "feature_dim", "router_feature",
@@ -136,13 +144,8 @@ class Context:
 
     def figure(self, fig, name: str):
         """Save ``fig`` (PNG and PDF) and return the PNG for the notebook to show."""
-        from .plots import save_figure
         png = save_figure(fig, name, self.figures)[0]
-        try:
-            from IPython.display import Image
-        except ImportError:
-            return png
-        return Image(filename=str(png))
+        return png if Image is None else Image(filename=str(png))
 
     def table(self, df: pd.DataFrame, name: str) -> list[Path]:
         return save_table(df, name, self.results)
@@ -155,7 +158,6 @@ class Context:
                                             "values": self.recorded})
 
 
-# ----------------------------------------------------------------------------- tables
 def markdown_table(df: pd.DataFrame, digits: int = 4) -> str:
     """A GitHub-style Markdown table of ``df`` (its columns, not its index); floats to ``digits``,
     except columns of whole numbers such as parameter counts (means over seeds come back as floats)."""
@@ -180,82 +182,3 @@ def save_table(df: pd.DataFrame, name: str, folder) -> list[Path]:
     csv = files.write_text(folder / f"{name}.csv", df.to_csv(index=False))
     md = files.write_text(folder / f"{name}.md", markdown_table(df))
     return [csv, md]
-
-
-def category_frame(summaries: list[dict]) -> pd.DataFrame:
-    """The benchmark table (data.validate_tree summaries) as a DataFrame."""
-    return pd.DataFrame([{"category": s["category"], "train good": s["train_good"], "test good": s["test_good"],
-                          "test defect": sum(s["defects"].values()), "defect types": len(s["defects"]),
-                          "masks": s["masks"]} for s in summaries])
-
-
-# ----------------------------------------------------------------------------- main results (Sec. 4.2)
-def summary_row(metrics: dict) -> dict:
-    """One run's headline numbers: final mean metrics, FM and BWT of image AUROC, routing, cost."""
-    mean = metrics["mean"]
-    return {"I-AUROC": mean["image_auroc"], "P-AUROC": mean["pixel_auroc"], "P-AP": mean["pixel_ap"],
-            "FM (I-AUROC)": metrics["forgetting"]["image_auroc"], "BWT (I-AUROC)": metrics["bwt"]["image_auroc"],
-            "routing": metrics["routing_accuracy"], "params/task": metrics["params"]["per_task"]}
-
-
-def seed_table(rows: pd.DataFrame, by: str = "method") -> pd.DataFrame:
-    """Mean over seeds of each numeric column per ``by``; with several seeds also "<col> std"."""
-    numeric = [c for c in rows.columns if c not in (by, "seed")]
-    grouped = rows.groupby(by, sort=False)[numeric]
-    table = grouped.mean().astype(float)
-    if rows["seed"].nunique() > 1:
-        std = grouped.std().astype(float).add_suffix(" std")
-        table = pd.concat([table, std], axis=1)[[c for n in numeric for c in (n, f"{n} std")]]
-    return table.reset_index()
-
-
-ORACLE = " (oracle task id)"
-
-
-def oracle_view(metrics: dict) -> dict:
-    """A routed run's metrics with the scores it recorded for the true task id (``metrics["oracle"]``)
-    in place of the routed ones; routing is then not applicable."""
-    if not metrics.get("oracle"):
-        raise ValueError(f"the {metrics['method']} run has no oracle scores (only routed, task-agnostic runs do)")
-    return {**metrics, **metrics["oracle"], "routing_accuracy": None}
-
-
-def method_metrics(runs: dict) -> dict:
-    """{label: [metrics, ...]} from {method: [run_dir, ...]}; for every routed run also the label
-    "<method> (oracle task id)", the same model scored with the true task id."""
-    out = {}
-    for method, dirs in runs.items():
-        out[method] = [load_metrics(d) for d in dirs]
-        if out[method] and all(m.get("oracle") for m in out[method]):
-            out[method + ORACLE] = [oracle_view(m) for m in out[method]]
-    return out
-
-
-def per_task_table(runs: dict, metric: str = "image_auroc") -> pd.DataFrame:
-    """Final ``metric`` per task (rows, plus "mean") and method (columns), averaged over seeds.
-
-    runs: {method: [metrics dict, ...]} (see ``method_metrics``) with the same task list everywhere.
-    """
-    columns = {}
-    for method, seeds in runs.items():
-        finals = [[m["final"][t][metric] for t in m["tasks"]] for m in seeds]
-        columns[method] = np.nanmean(np.array(finals, dtype=float), axis=0) if finals else []
-    tasks = next(iter(runs.values()))[0]["tasks"]
-    df = pd.DataFrame(columns, index=tasks)
-    df.loc["mean"] = df.mean(axis=0)
-    return df.rename_axis("task").reset_index()
-
-
-def forgetting_row(metrics: dict) -> dict:
-    """FM and BWT of every metric of one run (Sec. 4.2, Table 3; definitions in metrics.py)."""
-    names = {"image_auroc": "I-AUROC", "pixel_auroc": "P-AUROC", "pixel_ap": "P-AP"}
-    row = {}
-    for key, label in names.items():
-        row[f"FM ({label})"] = metrics["forgetting"][key]
-        row[f"BWT ({label})"] = metrics["bwt"][key]
-    return row
-
-
-def first_task_curve(R: np.ndarray) -> np.ndarray:
-    """R[i][0] for i = 0..T-1: the first task's score after each task of the stream (Fig. 3)."""
-    return np.asarray(R, dtype=float)[:, 0]

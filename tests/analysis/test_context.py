@@ -1,0 +1,55 @@
+"""A notebook's context: task stream, profile overrides, tables, paths (analysis/context.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from decoflow_core.analysis import context
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_task_stream():
+    available = ["b", "a", "d", "c"]
+    assert context.task_stream(available, None, quick=False) == ["a", "b", "c", "d"]
+    assert context.task_stream(available, None, quick=True) == ["a", "b", "c"]
+    assert context.task_stream(available, ["d", "a"], quick=True) == ["d", "a"]
+    with pytest.raises(ValueError, match="zebra"):
+        context.task_stream(available, ["a", "zebra"], quick=False)
+
+
+def test_profile_sets_drop_what_the_profile_already_has():
+    assert context.profile_sets("cpu", {"rank": 16, "epochs": 1, "lambda_tail": 0.7}) == {"epochs": 1}
+    assert context.profile_sets("cpu", {"rank": 64}) == {"rank": 64}
+
+
+def test_save_table_writes_csv_and_markdown(tmp_path):
+    df = pd.DataFrame({"method": ["decoflow", "finetune"], "I-AUROC": [0.91234, float("nan")]})
+    csv, md = context.save_table(df, "main", tmp_path)
+    assert pd.read_csv(csv)["method"].tolist() == ["decoflow", "finetune"]
+    lines = md.read_text().splitlines()
+    assert lines == ["| method | I-AUROC |", "|---|---|", "| decoflow | 0.9123 |", "| finetune | n/a |"]
+
+
+def test_markdown_table_writes_counts_as_whole_numbers():
+    df = pd.DataFrame({"method": ["a", "b"], "params/task": [39749.0, 0.0], "routing": [1.0, float("nan")]})
+    lines = context.markdown_table(df).splitlines()
+    assert lines[2:] == ["| a | 39,749 | 1.0000 |", "| b | 0 | n/a |"]
+
+
+def test_kit_path_keeps_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "elsewhere" / "data"
+    assert context.kit_path(target) == target
+    assert context.kit_path(str(target)) == target
+    assert isinstance(context.kit_path(str(target)), Path)
+
+
+def test_kit_path_resolves_relative_paths_against_the_kit_not_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert context.kit_path("runs/x") == REPO_ROOT / "runs" / "x"
+    assert context.kit_path(Path("data")) == REPO_ROOT / "data"
+    assert context.kit_path("../sibling") == REPO_ROOT.parent / "sibling"
+    assert context.kit_path("runs/x").is_absolute()

@@ -1,0 +1,32 @@
+"""The router's confusion and errors (analysis/routing.py)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from decoflow_core.analysis import routing
+
+
+def two_tasks(seed=0):
+    """Task "wide": isotropic around 0. Task "tight": very narrow around (0, 3)."""
+    rng = np.random.default_rng(seed)
+    wide = rng.standard_normal((400, 2))
+    tight = np.array([0.0, 3.0]) + 0.05 * rng.standard_normal((400, 2))
+    return {"wide": torch.tensor(wide), "tight": torch.tensor(tight)}
+
+
+def test_mahalanobis_routes_what_euclidean_gets_wrong():
+    train = two_tasks()
+    # a normal point of "wide" 1.8 from its mean is 1.2 from "tight"'s mean, but 24 of its standard deviations
+    test = {"wide": torch.tensor([[0.0, 1.8]] * 5), "tight": train["tight"][:5] + 0.01}
+    confusion, accuracy = routing.routing_confusion(train, test, metric="euclidean")
+    assert accuracy == 0.5 and confusion.tolist() == [[0, 5], [0, 5]]
+    confusion, accuracy = routing.routing_confusion(train, test, metric="mahalanobis", reg=1e-5)
+    assert accuracy == 1.0 and confusion.tolist() == [[5, 0], [0, 5]]
+    errors = routing.routing_errors([[0, 5], [0, 5]], ["wide", "tight"])
+    assert errors.to_dict("records") == [{"true task": "wide", "routed to": "tight", "images": 5}]
+    assert routing.routing_errors(np.eye(2, dtype=int), ["a", "b"]).empty
+
+
+def test_row_normalise():
+    np.testing.assert_allclose(routing.row_normalise([[3, 1], [0, 0]]), [[0.75, 0.25], [0.0, 0.0]])
