@@ -135,7 +135,7 @@ class AffineCoupling(nn.Module):
     def coupled(self, x):
         """The coupling on input already gathered by ``pre``; ``post`` is not applied. A stack of
         blocks uses this to merge consecutive gathers."""
-        x1, x2 = x[..., : self.split], x[..., self.split :]
+        x1, x2 = x.split([self.split, x.shape[-1] - self.split], dim=-1)  # split: a cheaper backward than slicing
         s, t = self._scale_shift(x1)
         y, logdet = torch.cat([x1, x2 * torch.exp(s) + t], dim=-1), s.sum(dim=-1)
         if self.freia:
