@@ -9,7 +9,8 @@ PROFILE ?= cpu
 SEEDS   ?= 0
 QUICK   ?= 0
 SETS    ?=
-REAL_AD ?= ../shared/data/real_ad
+# an MVTec-layout tree holding `bottle` and `magnetic_tile` (not shipped): make real-ad REAL_AD=/path
+REAL_AD ?=
 TASK_LRS = task_lr=1e-3,3e-3,1e-2,3e-2
 
 .PHONY: setup test reproduce select real-ad embedded clean-runs
@@ -33,36 +34,42 @@ embedded: $(STAMP)
 # PROFILE=official QUICK=1 SETS=backbone=efficientnet_lite0: the official model, offline, in minutes
 reproduce: $(STAMP)
 	$(PY) -m decoflow_core.analysis.pipeline --data $(DATA) --profile $(PROFILE) --seeds $(SEEDS) --quick $(QUICK) \
-	  $(foreach pair,$(SETS),--set $(pair))
+	  $(foreach pair,$(SETS),--set $(pair)) $(if $(REAL_AD),--real-data $(REAL_AD))
 
-# the cpu profile's choices on held-out train/good (10%), never on test data, one after the other:
-# settings that change the flow input (standardize, pe_scale) by the AUROC against synthetic defects,
-# the others (task_lr, epochs) by validation NLL, each on both streams -- these four at the 8 epochs the
-# profile had then; last, independent's lr at the final profile (~50 min)
+# The cpu profile's choices (docs/selection.md), on held-out train/good (10%), one after the other:
+# standardize and pe_scale by the AUROC against synthetic defects, task_lr and epochs by validation NLL
+# (these four at 8 epochs), the independent baseline's lr at the final profile, then the official
+# code's recipe (NLL) and feature aggregation (synthetic AUROC). Each on the embedded stream and, with
+# REAL_AD, on bottle -> magnetic_tile (~80 min).
 SELECT = $(PY) -m decoflow_core select --out runs/selection
 REAL_TASKS = --data $(REAL_AD) --tasks bottle,magnetic_tile
+RECIPE = weight_decay=0.01,grad_clip=0.5,lr_schedule=cosine,warmup_epochs=2,lambda_logdet=1e-4,tail_scope=image,drop_last=true
 SELECTIONS = "--grid standardize=true,false --criterion synthetic --set epochs=8" \
              "--grid $(TASK_LRS) --set epochs=8" \
-             "--grid pe_scale=1,3,10 --criterion synthetic --set epochs=8" "--grid epochs=8,12,16"
+             "--grid pe_scale=1,3,10 --criterion synthetic --set epochs=8" "--grid epochs=8,12,16" \
+             "--candidate current: --candidate recipe:$(RECIPE)" \
+             "--candidate current: --candidate unfold28:aggregation=unfold,grid=28 --criterion synthetic"
 select: $(STAMP)
 	for step in $(SELECTIONS); do \
 	  $(SELECT) $$step || exit 1; \
-	  if [ -d $(REAL_AD) ]; then $(SELECT) $(REAL_TASKS) $$step || exit 1; fi; \
+	  if [ -n "$(REAL_AD)" ]; then $(SELECT) $(REAL_TASKS) $$step || exit 1; fi; \
 	done
 	$(SELECT) --method independent --grid independent_lr=1e-3,3e-3
 	cp runs/selection/embedded/selection-independent-independent_lr.csv results/selection_independent_lr_embedded.csv
-	for what in standardize task_lr pe_scale epochs; do \
+	for what in standardize task_lr pe_scale epochs current-recipe current-unfold28; do \
 	  cp runs/selection/embedded/selection-decoflow-$$what.csv results/selection_$${what}_embedded.csv || exit 1; \
-	  if [ -d $(REAL_AD) ]; then \
+	  if [ -n "$(REAL_AD)" ]; then \
 	    cp runs/selection/$$(basename $(REAL_AD))/selection-decoflow-$$what.csv results/selection_$${what}_real_ad.csv || exit 1; \
 	  fi; \
 	done
 
-# issue 4's real-data check: decoflow over 3 seeds, the same with the paper's per-patch standardization
-# (standardize=true), independent and the PaDiM-style reference on bottle -> magnetic_tile; the table
-# goes to results/real_ad.md, the border/position analysis to results/real_ad_analysis.md (~8 min)
+# The real-data check (docs/real_data.md): decoflow over 3 seeds, the same with the paper's per-patch
+# standardization (standardize=true), independent and the PaDiM-style reference on bottle ->
+# magnetic_tile; the table goes to results/real_ad.md, the border/position analysis to
+# results/real_ad_analysis.md (~9 min)
 REAL_RUN = $(PY) -m decoflow_core run $(REAL_TASKS) --resume
 real-ad: $(STAMP)
+	@test -n "$(REAL_AD)" || { echo "make real-ad needs REAL_AD=/path/to/an MVTec-layout tree with bottle and magnetic_tile"; exit 2; }
 	for seed in 0 1 2; do \
 	  $(REAL_RUN) --seed $$seed --out runs/real_ad/decoflow-s$$seed > /dev/null && \
 	  $(REAL_RUN) --seed $$seed --set standardize=true --out runs/real_ad/decoflow-std-s$$seed > /dev/null || exit 1; \

@@ -8,6 +8,8 @@ import argparse
 import json
 import sys
 
+from tqdm.auto import tqdm
+
 from .analysis.runs import CRITERIA, save_selection, select
 from .backbone import BackboneError
 from .bench import benchmark, parameter_counts
@@ -15,7 +17,7 @@ from .config import ConfigError, make_config
 from .data import DataError, format_info_table, validate_tree
 from .datasets import EMBEDDED_DIR, build_embedded, resolve_data
 from .datasets.converters import convert_visa
-from .report import format_report, score_images
+from .report import format_report, report_is_complete, score_images, score_lines
 from .train import RunError, run
 
 
@@ -42,8 +44,9 @@ def parse_candidates(specs: list[str] | None) -> dict[str, dict[str, str]]:
 
 
 def parse_tasks(spec: str | None) -> list[str] | None:
-    """``a,b,c`` -> ["a", "b", "c"]; None (every category, alphabetically) when not given."""
-    return [t for t in spec.split(",") if t] if spec else None
+    """``a, b,c`` -> ["a", "b", "c"] (spaces around names dropped); None (every category,
+    alphabetically) when not given."""
+    return [t.strip() for t in spec.split(",") if t.strip()] if spec else None
 
 
 def cmd_prepare(args) -> int:
@@ -73,14 +76,28 @@ def cmd_run(args) -> int:
 
 
 def cmd_score(args) -> int:
-    for line in score_images(args.run, args.images, out_dir=args.out):
-        print(line)
+    failed = []
+
+    def noting_failures(records):
+        for record in records:
+            if "error" in record:
+                failed.append(record)
+            yield record
+
+    records = score_images(args.run, args.images, out_dir=args.out, allow_partial=args.allow_partial,
+                           overwrite=args.overwrite)
+    for line in score_lines(noting_failures(records), as_json=args.json):
+        print(line, flush=True)
+    if failed:
+        print(f"error: {len(failed)} of {len(args.images)} image(s) could not be scored, e.g. {failed[0]['image']}: "
+              f"{failed[0]['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_report(args) -> int:
     print(format_report(args.runs, per_task=args.per_task))
-    return 0
+    return 0 if report_is_complete(args.runs) else 1
 
 
 def cmd_select(args) -> int:
@@ -140,9 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a killed run after its last finished task")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("score", help="route and score images with a finished run")
+    p = sub.add_parser("score", help="route and score images with a finished run (docs/bad_input.md)")
     p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--out", help="where anomaly-map PNGs go (default RUN/scores)")
+    p.add_argument("--out", help="where anomaly-map PNGs go (default RUN/scores), mirroring the images' folders")
+    p.add_argument("--json", action="store_true", help="one JSON record per image instead of a table")
+    p.add_argument("--allow-partial", action="store_true", help="score with an unfinished run's learned tasks")
+    p.add_argument("--overwrite", action="store_true", help="replace anomaly maps that already exist")
     p.add_argument("images", nargs="+")
     p.set_defaults(func=cmd_score)
 
@@ -186,13 +206,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    """Clear any progress bar, so that a message printed next starts on its own line."""
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+    sys.stderr.write("\r\033[K" if sys.stderr.isatty() else "")
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues an interrupted ``run``: the same arguments with --resume."""
+    return " ".join(["python -m decoflow_core", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (DataError, ConfigError, RunError, BackboneError, FileNotFoundError, ValueError) as err:
+        _close_progress_bars()
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        again = f"; continue with: {resume_command(argv)}" if args.command == "run" else ""
+        print(f"interrupted: the tasks finished so far are saved{again}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from torch import nn
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 GOOD = "good"
@@ -27,6 +28,24 @@ _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 class DataError(ValueError):
     """A dataset problem; the message names the offending path and what was expected."""
+
+
+# attribute names of the containers that hold per-task parameters: a task cannot be named like them
+_RESERVED_TASK_NAMES = frozenset(dir(nn.ModuleDict()) + dir(nn.ParameterDict()))
+
+
+def task_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a task (a category) of a run, or None: the one rule that `info`, `run`
+    and the model apply."""
+    if not isinstance(name, str) or not name.strip():
+        return "a task name cannot be empty"
+    if name != name.strip():
+        return f"task name {name!r} has leading or trailing spaces"
+    if "." in name:
+        return f"task name {name!r} contains '.', which the model's parameter names cannot hold"
+    if name in _RESERVED_TASK_NAMES:
+        return f"task name {name!r} is reserved by torch (an attribute of nn.ModuleDict)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -296,6 +315,9 @@ def validate_tree(root: str | Path, categories: list[str] | None = None) -> list
     names = list_categories(root) if categories is None else list(categories)
     summaries = []
     for name in names:
+        problem = task_name_problem(name)
+        if problem:
+            raise DataError(f"{root / name}: {problem}; rename the category folder")
         category = load_category(root, name)
         for path in category.train:
             verified_size(path)
@@ -305,11 +327,11 @@ def validate_tree(root: str | Path, categories: list[str] | None = None) -> list
             if sample.mask_path is None:
                 continue
             mask = load_mask(sample.mask_path, None)
-            if mask.shape != (height, width):
+            if mask.shape != (height, width) and not same_aspect(mask.shape[::-1], (width, height)):
                 raise DataError(
                     f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
-                    f"{sample.path} is {width}x{height}. Expected the same size."
-                )
+                    f"{sample.path} is {width}x{height}. Expected the same size, or the same aspect ratio "
+                    "(a mask of another size with the image's aspect ratio is resized).")
             empty_masks += int(sample.label == 1 and not mask.any())
         defects = {t: sum(s.defect_type == t for s in category.test) for t in category.defect_types}
         summaries.append({
@@ -319,8 +341,24 @@ def validate_tree(root: str | Path, categories: list[str] | None = None) -> list
             "defects": defects,
             "masks": category.mask_coverage,
             "empty_masks": empty_masks,
+            "missing_mask_folders": missing_mask_folders(category),
         })
     return summaries
+
+
+def same_aspect(size_a: tuple[int, int], size_b: tuple[int, int], tolerance: float = 0.01) -> bool:
+    """Whether two (width, height) sizes have the same aspect ratio, to ``tolerance`` (rounding)."""
+    return abs(size_a[0] * size_b[1] - size_a[1] * size_b[0]) <= tolerance * size_a[1] * size_b[0]
+
+
+def missing_mask_folders(category: Category) -> list[Path]:
+    """The ground_truth/<type>/ folders a category lacks while holding other masks: without them the
+    category's pixel metrics are not defined. Empty when it has no masks at all, or all of them."""
+    if category.mask_coverage != "partial":
+        return []
+    types = {s.defect_type for s in category.test if s.label == 1 and s.mask_path is None}
+    return [category.root / "ground_truth" / t for t in sorted(types)
+            if not (category.root / "ground_truth" / t).is_dir()]
 
 
 def format_info_table(summaries: list[dict]) -> str:
@@ -344,4 +382,6 @@ def format_info_table(summaries: list[dict]) -> str:
         padded = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
         return "  ".join(padded).rstrip()
 
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+    notes = [f"{s['category']}: no masks for {folder.name} ({folder}/ missing): the category's pixel metrics "
+             "are not computed" for s in summaries for folder in s.get("missing_mask_folders", [])]
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows), *notes])

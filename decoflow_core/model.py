@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
+from .data import task_name_problem
 from .flow import (
     AffineCoupling,
     DecomposedSubnet,
@@ -177,11 +178,9 @@ class DeCoFlow(nn.Module):
 
     def add_task(self, name):
         """Create task `name`: LoRA adapters (B = 0), TSA, SCM gate and ACL blocks (identity)."""
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"task name must be a non-empty string without '.', got {name!r}")
-        if hasattr(nn.ModuleDict(), name) or hasattr(nn.ParameterDict(), name):
-            raise ValueError(f"task name {name!r} clashes with a torch attribute; "
-                             f"use another name such as 'task_{name}'")
+        problem = task_name_problem(name)
+        if problem:
+            raise ValueError(problem)
         if name in self.tasks:
             raise ValueError(f"task {name!r} already exists (tasks: {self.tasks})")
         ref = next(self.parameters(), None)  # new parameters follow the model's device/dtype

@@ -1,6 +1,7 @@
-"""Reading finished runs: the results table, and scoring new images with a saved run."""
+"""Reading runs: the results table, and scoring new images with a saved run."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,12 @@ from PIL import Image
 
 from . import files
 from .config import Config
+from .data import DataError, verified_size
 from .features import load_batch
-from .learners import make_learner
+from .learners import SHARED, make_learner
+from .learners.baselines import PaDiMReference
 from .scoring import image_score, pixel_maps
-from .train import RunError, build_extractor, resolve_device
+from .train import METRICS, RunError, build_extractor, is_run_dir, resolve_device
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -21,23 +24,43 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def load_metrics(run_dir) -> dict:
-    path = Path(run_dir) / "metrics.json"
+    """A finished run's metrics.json; RunError saying what ``run_dir`` is when it is not one."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.json"
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir} does not exist (expected a run directory)")
+    if not is_run_dir(run_dir):
+        raise RunError(f"{run_dir} is not a run of this kit (no readable config.json)")
     if not path.exists():
-        raise RunError(f"{path} does not exist: the run has not finished (resume it with --resume)")
-    return files.read_json(path)
+        raise RunError(f"{run_dir} has not finished: no metrics.json yet (continue it with run ... --resume)")
+    try:
+        return files.read_json(path)
+    except (OSError, ValueError) as err:
+        raise RunError(f"{path} is damaged ({err}); delete it and finish the run with --resume") from None
+
+
+def _mean_cell(metrics: dict, metric: str) -> str:
+    """The mean over tasks, marked "(k/T)" when k < T tasks have the metric (no masks for the others)."""
+    value = _fmt(metrics["mean"][metric])
+    over, total = (metrics.get("mean_over") or {}).get(metric), len(metrics["tasks"])
+    return value if over is None or over in (0, total) else f"{value} ({over}/{total})"
 
 
 def format_report(run_dirs, per_task: bool = False) -> str:
-    """A Markdown table: one row per run (mean final metrics, forgetting, cost)."""
+    """A Markdown table: one row per finished run (mean final metrics, forgetting, cost); a run that is
+    not finished or not readable gets a note instead of a row."""
     header = ["run", "method", "tasks", "I-AUROC", "P-AUROC", "P-AP", "FM (I)", "BWT (I)", "routing",
               "params/task", "train s"]
-    rows = []
-    notes = []
+    rows, notes = [], []
     for run_dir in run_dirs:
-        m = load_metrics(run_dir)
+        try:
+            m = load_metrics(run_dir)
+        except RunError as err:
+            notes.append(f"{Path(run_dir).name}: not in the table: {err}")
+            continue
         seconds = sum(m["seconds"]["train"].values())
-        rows.append([Path(run_dir).name, m["method"], str(len(m["tasks"])), _fmt(m["mean"]["image_auroc"]),
-                     _fmt(m["mean"]["pixel_auroc"]), _fmt(m["mean"]["pixel_ap"]),
+        rows.append([Path(run_dir).name, m["method"], str(len(m["tasks"])), _mean_cell(m, "image_auroc"),
+                     _mean_cell(m, "pixel_auroc"), _mean_cell(m, "pixel_ap"),
                      _fmt(m["forgetting"]["image_auroc"]), _fmt(m["bwt"]["image_auroc"]),
                      _fmt(m["routing_accuracy"]), f"{m['params']['per_task']:,}", f"{seconds:.0f}"])
         if m.get("breaks_no_replay"):
@@ -46,6 +69,9 @@ def format_report(run_dirs, per_task: bool = False) -> str:
             why = {"joint": "it trains one flow on all tasks at once",
                    "padim": "it keeps one Gaussian model per task and is given the task id"}.get(m["method"], "")
             notes.append(f"{Path(run_dir).name}: {m['method']} is a reference, not continual: {why}.")
+        if any(0 < m.get("mean_over", {}).get(k, len(m["tasks"])) < len(m["tasks"]) for k in METRICS):
+            notes.append(f"{Path(run_dir).name}: (k/T) marks a mean over the k of T tasks that have the metric "
+                         "(the others lack masks).")
         if per_task:
             by_defect = m.get("final_by_defect") or {}
             for task, values in m["final"].items():
@@ -54,20 +80,33 @@ def format_report(run_dirs, per_task: bool = False) -> str:
                 if len(by_defect.get(task, {})) > 1:  # good against each defect type alone
                     rows += [["", f"    {kind}", "", _fmt(v), "", "", "", "", "", "", ""]
                              for kind, v in by_defect[task].items()]
+    if not rows:
+        raise RunError("no finished run to report: " + "; ".join(notes))
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     table = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
     return "\n".join(table + [""] + notes)
 
 
-def load_run(run_dir):
-    """(config, extractor, learner, device) of a run directory, from its config and latest checkpoint."""
+def report_is_complete(run_dirs) -> bool:
+    """Whether every run of a report is finished (the CLI exits non-zero otherwise)."""
+    return all((Path(d) / "metrics.json").exists() for d in run_dirs)
+
+
+def load_run(run_dir, *, allow_partial: bool = False):
+    """(config, extractor, learner, device) of a run directory, from its config and latest checkpoint.
+    An unfinished run is refused unless ``allow_partial`` (its learned tasks only)."""
     run_dir = Path(run_dir)
-    for needed in ("config.json", "progress.json"):
-        if not (run_dir / needed).exists():
-            raise RunError(f"{run_dir / needed} does not exist: is {run_dir} a run directory?")
+    if not is_run_dir(run_dir) or not (run_dir / "progress.json").exists():
+        raise RunError(f"{run_dir} is not a run of this kit with a finished task (no config.json or progress.json)")
     meta = files.read_json(run_dir / "config.json")
     progress = files.read_json(run_dir / "progress.json")
+    if not progress.get("resume_file"):
+        raise RunError(f"{run_dir} has no finished task yet: nothing to score with")
+    if progress["done"] < len(meta["tasks"]) and not allow_partial:
+        learned = meta["tasks"][:progress["done"]]
+        raise RunError(f"{run_dir} has not finished: it learned {len(learned)} of {len(meta['tasks'])} tasks "
+                       f"({', '.join(learned)}); finish it with --resume, or pass --allow-partial to route among those")
     config = Config(**meta["config"])
     device = resolve_device(config.device)
     extractor = build_extractor(config).to(device)
@@ -77,19 +116,71 @@ def load_run(run_dir):
     return config, extractor, learner, device
 
 
-def score_images(run_dir, images, out_dir=None):
-    """Route and score each image; write its anomaly map as a PNG. Yields one line per image."""
-    config, extractor, learner, device = load_run(run_dir)
+def map_targets(images: list[Path], out_dir: Path) -> list[Path]:
+    """One anomaly-map path per image that no two images share: the image's path relative to the
+    images' common folder, with ``_map.png`` for its suffix."""
+    images = [Path(p).resolve() for p in images]
+    parents = [p.parent for p in images]
+    common = parents[0] if len(set(parents)) == 1 else Path(*_common_parts([p.parts for p in parents]))
+    return [out_dir / p.relative_to(common).with_name(f"{p.stem}_map.png") for p in images]
+
+
+def _common_parts(parts: list[tuple]) -> tuple:
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return tuple(common)
+
+
+def score_images(run_dir, images, out_dir=None, *, allow_partial: bool = False, overwrite: bool = False):
+    """Route and score each image and write its anomaly map. Yields one record per image: image,
+    task, distance (to the routed task's prototype), score, map -- or image and error for an image
+    that cannot be read (the others are still scored)."""
+    config, extractor, learner, device = load_run(run_dir, allow_partial=allow_partial)
+    if isinstance(learner, PaDiMReference):
+        raise RunError(f"{run_dir} is a padim run: it scores with a given task id, which `score` does not take")
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "scores"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    yield "image\ttask\tscore\tmap"
-    for path in map(Path, images):
-        patch, pooled = extractor(load_batch([path], config.image_size, config.image_resize).to(device))
-        task = learner.route(pooled.cpu())[0] if learner.uses_router else "shared"
+    images = [Path(p) for p in images]
+    targets = map_targets(images, out_dir)
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise RunError(f"{len(existing)} anomaly map(s) already exist, e.g. {existing[0]}; choose another --out "
+                       "or pass --overwrite")
+    for path, target in zip(images, targets):
+        try:
+            verified_size(path)
+            batch = load_batch([path], config.image_size, config.image_resize)
+        except (DataError, OSError) as err:
+            yield {"image": str(path), "error": str(err)}
+            continue
+        patch, pooled = extractor(batch.to(device))
+        distance = None
+        if learner.uses_router:
+            distances = learner.router.distances(pooled.cpu())[0]
+            task = learner.router.tasks[int(distances.argmin())]
+            distance = float(distances.min())
+        else:  # one shared flow
+            task = SHARED
         nll = learner.patch_nll(task, patch.cpu())
         score = image_score(nll, mode=config.score_mode, k=config.score_k).item()
         amap = pixel_maps(nll, config, config.image_size)[0].numpy()
         norm = (amap - amap.min()) / max(float(np.ptp(amap)), 1e-12)
-        target = out_dir / f"{path.stem}_map.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((cm.inferno(norm)[..., :3] * 255).astype(np.uint8)).save(target)
-        yield f"{path}\t{task}\t{score:.4f}\t{target}"
+        yield {"image": str(path), "task": task, "distance": distance, "score": score, "map": str(target)}
+
+
+def score_lines(records, as_json: bool = False):
+    """Tab-separated lines (a header first) or JSON lines of ``score_images`` records."""
+    if not as_json:
+        yield "image\ttask\tdistance\tscore\tmap"
+    for record in records:
+        if as_json:
+            yield json.dumps(record)
+        elif "error" in record:
+            yield f"{record['image']}\t-\t-\t-\terror: {record['error']}"
+        else:
+            distance = "n/a" if record["distance"] is None else f"{record['distance']:.3f}"
+            yield f"{record['image']}\t{record['task']}\t{distance}\t{record['score']:.4f}\t{record['map']}"

@@ -9,9 +9,11 @@ restarted with ``resume=True`` continues after the last finished task and ends w
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +26,8 @@ from tqdm.auto import tqdm
 
 from . import files
 from .backbone import FeatureExtractor
-from .config import Config, as_dict, changed_fields
-from .data import Category, list_categories, load_category, load_image, mask_for
+from .config import Config, as_dict, changed_fields, validate
+from .data import Category, list_categories, load_category, load_image, mask_for, validate_tree
 from .datasets.synthetic import synthetic_defects
 from .features import array_features, extract_features
 from .learners import METHODS, Learner, make_learner
@@ -70,8 +72,9 @@ def fit(model: torch.nn.Module, params: list, patches: torch.Tensor, config: Con
 
     ``loss_fn(model, x)`` defaults to the flow's ``training_loss``. The lr follows ``epoch_lr``
     (``first``: the model's first task, no warm-up); gradients are clipped to ``grad_clip``. Every
-    epoch runs to the end: no epoch is chosen by any score. A non-finite loss skips its step and is
-    counted, as is a loss above ``skip_loss_above``.
+    epoch runs to the end: no epoch is chosen by any score. A non-finite loss stops training with
+    TrainingDiverged (``on_nonfinite="skip"``: skips its step and is counted, as the official code does);
+    a loss above ``skip_loss_above`` skips its step and is counted.
     Returns {"loss": [mean loss per epoch], "nonfinite": count, "skipped": count}.
     """
     loss_fn = loss_fn or (lambda m, x: training_loss(m, x, config))
@@ -96,6 +99,8 @@ def fit(model: torch.nn.Module, params: list, patches: torch.Tensor, config: Con
             if penalty is not None:
                 loss = loss + penalty()
             if not torch.isfinite(loss):
+                if config.on_nonfinite == "stop":
+                    raise TrainingDiverged(epoch, optimizer.param_groups[0]["lr"], loss.item())
                 nonfinite += 1
                 continue
             if config.skip_loss_above is not None and loss.item() > config.skip_loss_above:
@@ -127,6 +132,19 @@ class RunError(ValueError):
     """A run cannot start or resume; the message says why."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became non-finite (NaN or infinite)."""
+
+    def __init__(self, epoch: int, lr: float, loss: float):
+        super().__init__(f"the loss became {loss} in epoch {epoch + 1} at lr {lr:g}")
+        self.epoch, self.lr, self.loss = epoch, lr, loss
+
+
+# what a run that stopped on a diverged task may change when it is resumed: how the next tasks train
+RETRY_FIELDS = ("lr", "task_lr", "independent_lr", "grad_clip", "weight_decay", "lr_schedule", "warmup_epochs",
+                "on_nonfinite", "skip_loss_above", "num_threads", "device")
+
+
 @dataclass
 class TaskData:
     name: str
@@ -140,8 +158,13 @@ class TaskData:
 
 
 def resolve_device(name: str) -> str:
+    """``auto``: the GPU when there is one. Asking for a device this machine lacks is a RunError."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--set device={name}: no CUDA GPU is available here; use device=cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RunError("--set device=mps: Apple's MPS is not available here; use device=cpu or auto")
     return name
 
 
@@ -273,9 +296,10 @@ def _scores(matrices: dict, tasks: list[str], continual: bool) -> dict:
     final = {t: {m: _nan_to_none(matrices[m][last, j]) for m in METRICS} for j, t in enumerate(tasks)}
     mean = {m: _nan_to_none(np.nanmean(matrices[m][last])) if not np.isnan(matrices[m][last]).all() else None
             for m in METRICS}
+    mean_over = {m: int((~np.isnan(matrices[m][last])).sum()) for m in METRICS}  # tasks behind each mean
     fm = {m: _nan_to_none(forgetting(matrices[m])) if continual else None for m in METRICS}
     bwt = {m: _nan_to_none(backward_transfer(matrices[m])) if continual else None for m in METRICS}
-    return {"final": final, "mean": mean, "forgetting": fm, "bwt": bwt}
+    return {"final": final, "mean": mean, "mean_over": mean_over, "forgetting": fm, "bwt": bwt}
 
 
 def summarise(progress: dict, meta: dict, learner: Learner) -> dict:
@@ -335,37 +359,140 @@ def _save_checkpoints(out: Path, learner: Learner, step: int, task: str) -> str:
     return name
 
 
+def pixel_metric_notes(summaries: list[dict]) -> list[str]:
+    """One note per task whose pixel metrics cannot be computed (defect images without masks)."""
+    notes = []
+    for summary in summaries:
+        if summary["masks"] == "all":
+            continue
+        folders = summary.get("missing_mask_folders") or []
+        why = (f"no masks for {', '.join(f.name for f in folders)} ({', '.join(f'{f}/' for f in folders)} missing)"
+               if folders else f"masks for {'some' if summary['masks'] == 'partial' else 'none'} of its defect images")
+        notes.append(f"task {summary['category']!r}: {why}: its pixel AUROC and pixel AP are not computed, and "
+                     "the mean pixel metrics are over the other tasks")
+    return notes
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a run of this kit (its config.json)."""
+    try:
+        meta = files.read_json(Path(path) / "config.json")
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"method", "tasks", "config"} <= set(meta)
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """``--out`` must be a new or empty folder, or -- with ``resume`` -- a run of this kit, and writable."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file; expected a folder for the run (new, empty, or a run to --resume)")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not is_run_dir(out):
+        raise RunError(f"--out {out} is not empty and is not a run of this kit (it holds "
+                       f"{', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); choose a new or empty folder")
+    if held and not resume:
+        raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RunError(f"--out {out}: cannot write there ({err.strerror}); choose a folder you can write to") from None
+
+
+def data_fingerprint(root: Path, tasks: list[str]) -> dict:
+    """{task: SHA-1 over the relative path and the bytes of every file the task reads}."""
+    prints = {}
+    for task in tasks:
+        category = load_category(root, task)
+        paths = list(category.train) + [s.path for s in category.test] + [s.mask_path for s in category.test
+                                                                            if s.mask_path is not None]
+        digest = hashlib.sha1()
+        for path in paths:
+            digest.update(str(Path(path).relative_to(root)).encode())
+            digest.update(hashlib.sha1(Path(path).read_bytes()).digest())
+        prints[task] = digest.hexdigest()
+    return prints
+
+
+def _remove_partial_writes(out: Path) -> None:
+    """Temporary files a killed atomic write left behind (``files._atomic``)."""
+    for folder in (out, out / "checkpoints"):
+        for leftover in folder.glob(".*.tmp") if folder.is_dir() else []:
+            leftover.unlink(missing_ok=True)
+
+
+def _resume_state(out: Path, meta: dict, config: Config, method: str) -> tuple[dict, dict]:
+    """(progress, meta) of the run in ``out`` when ``meta`` (this call's arguments) may continue it."""
+    saved = files.read_json(out / "config.json")
+    progress = files.read_json(out / "progress.json") if (out / "progress.json").exists() else None
+    same = {k: saved.get(k) for k in ("method", "tasks", "seed")} == {k: meta[k] for k in ("method", "tasks", "seed")}
+    changed = changed_fields(saved["config"], config, method)  # a field added since counts as its default
+    retry = progress is not None and progress.get("diverged") is not None
+    if not same or (changed and not (retry and set(changed) <= set(RETRY_FIELDS))):
+        hint = (f"; after a diverged task only {', '.join(RETRY_FIELDS)} may change" if retry and changed else "")
+        raise RunError(f"{out} holds a run with another method, tasks, seed or config"
+                       + (f" ({', '.join(changed)} differ)" if changed else "") + hint
+                       + "; resume it with the same arguments or choose another --out")
+    saved_prints = saved.get("data_fingerprint") or {}
+    moved = [t for t in meta["tasks"] if t in saved_prints and saved_prints[t] != meta["data_fingerprint"][t]]
+    if moved:
+        raise RunError(f"{out} was trained on {saved.get('data')}; the files of task(s) {', '.join(moved)} in "
+                       f"{meta['data']} differ from them. Resume with the same data, or choose another --out")
+    if changed:  # allowed after a diverged task: recorded with the first task they apply to
+        done = progress["done"]
+        meta["changes"] = saved.get("changes", []) + [{"from_task": meta["tasks"][done], "fields": {
+            k: getattr(config, k) for k in changed}}]
+    elif saved.get("changes"):
+        meta["changes"] = saved["changes"]
+    if progress is None:
+        return _new_progress(len(meta["tasks"])), meta
+    progress["diverged"] = None
+    return progress, meta
+
+
+def _new_progress(n_tasks: int) -> dict:
+    return {"done": 0, "rows": [None] * n_tasks, "final_routing": {}, "history": {},
+            "seconds": {"features": 0.0, "train": {}, "eval": 0.0}, "resume_file": None}
+
+
 def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: Config, seed: int,
         out: str | Path, resume: bool = False, progress_bar: bool = True) -> dict:
-    """Run the continual protocol and write the run directory; returns the metrics dict."""
+    """Run the continual protocol and write the run directory; returns the metrics dict.
+
+    Everything is checked before any feature is extracted: the method, the config, the tasks' names and
+    files (the same checks as ``info``), ``out`` and, when resuming, that the run in ``out`` was made
+    with these arguments and these files.
+    """
     if method not in METHODS:
         raise RunError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    validate(config)
     data_root, out = Path(data_root), Path(out)
     available = list_categories(data_root)
-    tasks = list(tasks) if tasks else available
+    tasks = [t.strip() for t in tasks] if tasks else available
     unknown = [t for t in tasks if t not in available]
     if unknown:
-        raise RunError(f"unknown task(s) {', '.join(unknown)} in {data_root}; available: {', '.join(available)}")
+        raise RunError(f"unknown task(s) {', '.join(map(repr, unknown))} in {data_root}; available: "
+                       f"{', '.join(available)}")
     if len(set(tasks)) != len(tasks):
         raise RunError(f"a task appears twice in --tasks {','.join(tasks)}")
-    if (out / "progress.json").exists() and not resume:
-        raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    check_out(out, resume)
+    summaries = validate_tree(data_root, tasks)  # the verdict `info` gives
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = resolve_device(config.device)
     extractor = build_extractor(config)
     meta = run_metadata(config, extractor, method, tasks, data_root, seed)
-    progress = {"done": 0, "rows": [None] * len(tasks), "final_routing": {}, "history": {},
-                "seconds": {"features": 0.0, "train": {}, "eval": 0.0}, "resume_file": None}
-    if resume and (out / "progress.json").exists():
-        saved = files.read_json(out / "config.json")
-        changed = changed_fields(saved["config"], config, method)  # a field added since counts as its default
-        if changed or {k: saved[k] for k in ("method", "tasks", "seed")} != {k: meta[k] for k in ("method", "tasks", "seed")}:
-            raise RunError(f"{out} holds a run with another method, tasks, seed or config"
-                           + (f" ({', '.join(changed)} differ)" if changed else "")
-                           + "; resume it with the same arguments or choose another --out")
-        progress = files.read_json(out / "progress.json")
+    meta["data_fingerprint"] = data_fingerprint(data_root, tasks)
+    meta["notes"] = pixel_metric_notes(summaries)
+    progress = _new_progress(len(tasks))
+    if resume and is_run_dir(out):
+        progress, meta = _resume_state(out, meta, config, method)
+        _remove_partial_writes(out)
     files.write_json(out / "config.json", meta)
+    for note in meta["notes"]:
+        tqdm.write(f"note: {note}", file=sys.stderr)
 
     start = time.perf_counter()
     data = [load_task(data_root, t, extractor, config, device, seed=seed)
@@ -387,12 +514,20 @@ def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: 
         task = tasks[step]
         torch.manual_seed(seed * 1000 + step)
         start = time.perf_counter()
-        if method == "joint":
-            joined = {"patch": torch.cat([d.train["patch"] for d in data]),
-                      "pooled": torch.cat([d.train["pooled"] for d in data])}
-            log = learn(learner, "all_tasks", joined, seed=seed * 1000 + step)
-        else:
-            log = learn(learner, task, data[step].train, seed=seed * 1000 + step)
+        try:
+            if method == "joint":
+                joined = {"patch": torch.cat([d.train["patch"] for d in data]),
+                          "pooled": torch.cat([d.train["pooled"] for d in data])}
+                log = learn(learner, "all_tasks", joined, seed=seed * 1000 + step)
+            else:
+                log = learn(learner, task, data[step].train, seed=seed * 1000 + step)
+        except TrainingDiverged as err:
+            progress["diverged"] = {"task": task, "epoch": err.epoch + 1, "lr": err.lr}
+            files.write_json(out / "progress.json", progress)  # the tasks before it stay committed
+            kept = f"tasks {', '.join(tasks[:step])} are kept" if step else "no task had finished"
+            raise RunError(f"task {task!r} diverged: {err}. {kept} in {out}. Try a lower learning rate "
+                           f"(--set {'lr' if step == 0 else 'task_lr'}=...) or --set grad_clip=1, then --resume: "
+                           f"after a diverged task {', '.join(RETRY_FIELDS[:4])} and the like may change") from None
         progress["seconds"]["train"][task] = time.perf_counter() - start
         if config.val_fraction:  # right after learning, with the task's own parameters
             for j in (range(len(tasks)) if method == "joint" else [step]):

@@ -16,7 +16,8 @@ from decoflow_core.config import ConfigError, make_config
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {"method", "tasks", "final", "mean", "forgetting", "bwt", "routing_accuracy", "params", "seconds"}
-DOCUMENTED_EXTRA_KEYS = {"oracle", "validation", "final_by_defect", "history", "breaks_no_replay", "continual", "backbone", "weight_source"}
+DOCUMENTED_EXTRA_KEYS = {"oracle", "validation", "final_by_defect", "history", "breaks_no_replay", "continual", "backbone",
+                         "weight_source", "mean_over"}
 
 
 # ----------------------------------------------------------------------------- bad arguments
@@ -103,14 +104,15 @@ def test_score_routes_each_image_and_writes_its_anomaly_map(run_method, tiny_tre
     capsys.readouterr()
     assert main(["score", "--run", str(out), "--out", str(tmp_path / "maps"), *map(str, images)]) == 0
     header, *lines = capsys.readouterr().out.strip().splitlines()
-    assert header.split("\t") == ["image", "task", "score", "map"]
+    assert header.split("\t") == ["image", "task", "distance", "score", "map"]
     assert [line.split("\t")[1] for line in lines] == ["gradient", "checker"]
-    for line in lines:
-        path, _, score, target = line.split("\t")
-        assert math.isfinite(float(score))
+    for line, image in zip(lines, images):
+        path, _, distance, score, target = line.split("\t")
+        assert math.isfinite(float(score)) and float(distance) >= 0
         with Image.open(target) as written:
             assert written.format == "PNG" and written.size == (64, 64) and written.mode == "RGB"
-        assert Path(target).parent == tmp_path / "maps"
+        # the map keeps the image's path below the images' common folder
+        assert Path(target) == tmp_path / "maps" / image.relative_to(tiny_tree).with_name("000_map.png")
 
 
 # ----------------------------------------------------------------------------- --set parsing

@@ -207,11 +207,18 @@ def test_validate_tree_summaries(tree: Path):
     summaries = validate_tree(tree)
     assert summaries == [
         {"category": "gadget", "train_good": 3, "test_good": 2, "defects": {"crack": 2, "hole": 1},
-         "masks": "none", "empty_masks": 0},
+         "masks": "none", "empty_masks": 0, "missing_mask_folders": []},
         {"category": "widget", "train_good": 3, "test_good": 2, "defects": {"crack": 2, "hole": 1},
-         "masks": "all", "empty_masks": 1},
+         "masks": "all", "empty_masks": 1, "missing_mask_folders": []},
     ]
     assert [s["category"] for s in validate_tree(tree, ["widget"])] == ["widget"]
+
+
+def test_a_mask_of_another_size_with_the_same_aspect_is_accepted_and_resized(tree: Path):
+    write_mask(tree / "widget/ground_truth/crack/001_mask.png", size=(16, 16), box=(4, 4, 8, 8))
+    assert validate_tree(tree, ["widget"])[0]["masks"] == "all"
+    sample = next(s for s in load_category(tree, "widget").test if s.mask_path and s.path.stem == "001")
+    assert mask_for(sample, 32).shape == (32, 32) and mask_for(sample, 32)[8:16, 8:16].all()
 
 
 def test_format_info_table_aligns_columns(tree: Path):
@@ -261,8 +268,8 @@ def _truncated_jpeg(root: Path) -> Path:
     return path
 
 
-def _mask_size_differs(root: Path) -> Path:
-    return write_mask(root / "widget/ground_truth/crack/001_mask.png", size=(16, 16))
+def _mask_aspect_differs(root: Path) -> Path:
+    return write_mask(root / "widget/ground_truth/crack/001_mask.png", size=(32, 16))
 
 
 def _mask_without_image(root: Path) -> Path:
@@ -286,7 +293,7 @@ def _unreadable_mask(root: Path) -> Path:
 
 @pytest.mark.parametrize("break_tree", [
     _missing_train_good, _empty_train_good, _empty_defect_folder, _unreadable_image, _truncated_jpeg,
-    _mask_size_differs, _mask_without_image, _mask_folder_without_images, _duplicate_stems, _unreadable_mask,
+    _mask_aspect_differs, _mask_without_image, _mask_folder_without_images, _duplicate_stems, _unreadable_mask,
 ])
 def test_validate_tree_names_the_offending_path(tree: Path, break_tree):
     offending = break_tree(tree)

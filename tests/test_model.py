@@ -274,8 +274,10 @@ def test_parameter_groups_partition_the_model():
 
 def test_task_name_errors_speak():
     model = DeCoFlow(dim=8, rank=2)
-    with pytest.raises(ValueError, match="clashes"):
+    with pytest.raises(ValueError, match="reserved by torch"):
         model.add_task("train")
+    with pytest.raises(ValueError, match="contains"):
+        model.add_task("bottle.v2")
     with pytest.raises(KeyError, match="add_task"):
         model.set_task("missing")
 

@@ -10,12 +10,12 @@ from decoflow_core.settings import (
     settings_table,
 )
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+KIT = Path(__file__).resolve().parents[1]
 
 
 def test_every_field_where_the_profiles_differ_is_in_the_table():
     configs = [make_config(name) for name in PROFILE_COLUMNS]
-    listed = [field for _, fields, _, _ in SETTINGS for field in fields]
+    listed = [field for _, fields, *_ in SETTINGS for field in fields]
     assert len(listed) == len(set(listed)), "a field is listed twice"
     known = {f.name for f in dataclasses.fields(Config)}
     assert set(listed) <= known
@@ -32,5 +32,8 @@ def test_profile_columns_read_the_profiles_and_a_run_config():
     assert table.loc["Gradient clipping", "`official`"] == "0.5" and table.loc["Gradient clipping", "`paper`"] == "none"
 
 
-def test_the_readme_carries_the_table():
-    assert settings_markdown() in README.read_text(), "README's settings table is stale: paste settings_markdown()"
+def test_the_readme_and_the_docs_carry_the_table():
+    assert settings_markdown(cite=False, fields=False) in (KIT / "README.md").read_text(), \
+        "README's settings table is stale: paste settings_markdown(cite=False, fields=False)"
+    assert settings_markdown(cite=True) in (KIT / "docs" / "official.md").read_text(), \
+        "docs/official.md's settings table is stale: paste settings_markdown(cite=True)"

@@ -35,7 +35,8 @@ from decoflow_core.train import METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {"method", "tasks", "final", "mean", "forgetting", "bwt", "routing_accuracy", "params", "seconds"}
-DOCUMENTED_EXTRA_KEYS = {"oracle", "validation", "final_by_defect", "history", "breaks_no_replay", "continual", "backbone", "weight_source"}
+DOCUMENTED_EXTRA_KEYS = {"oracle", "validation", "final_by_defect", "history", "breaks_no_replay", "continual", "backbone",
+                         "weight_source", "mean_over"}
 
 
 # ----------------------------------------------------------------------------- the run directory

@@ -21,9 +21,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 def notebook_parameters(args) -> dict:
     sets = dict(pair.split("=", 1) for pair in args.set or [])
-    return {"DATA": args.data, "PROFILE": args.profile, "QUICK": bool(int(args.quick)),
-            "SEEDS": [int(s) for s in str(args.seeds).split(",") if s != ""],
-            "RUN_ROOT": str(REPO / "runs"), "SETS": sets}
+    params = {"DATA": args.data, "PROFILE": args.profile, "QUICK": bool(int(args.quick)),
+              "SEEDS": [int(s) for s in str(args.seeds).split(",") if s != ""],
+              "RUN_ROOT": str(REPO / "runs"), "SETS": sets}
+    if args.real_data:
+        params["REAL_DATA"] = str(Path(args.real_data).resolve())
+    return params
 
 
 def execute(notebook: Path, out: Path, params: dict, **papermill_options) -> None:
@@ -41,6 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--quick", default="0")
     parser.add_argument("--only", help="run only notebooks whose name contains this text")
+    parser.add_argument("--real-data", help="an MVTec-layout tree with bottle and magnetic_tile (notebook 07)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="config override for every run, e.g. backbone=efficientnet_lite0")
     args = parser.parse_args(argv)

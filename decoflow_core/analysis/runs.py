@@ -78,9 +78,18 @@ def _train_one(job: dict) -> str:
     return str(ensure_run(**job, progress_bar=False))
 
 
+class RunsFailed(RunError):
+    """Some runs of a batch failed; the others finished. ``failures``: {run directory: error}."""
+
+    def __init__(self, failures: dict):
+        self.failures = failures
+        super().__init__(f"{len(failures)} run(s) failed: " + "; ".join(f"{Path(d).name}: {e}" for d, e in failures.items()))
+
+
 def ensure_runs(run_root, jobs: list[dict], workers: int = 2) -> list[Path]:
     """``ensure_run`` for many jobs (keyword dicts), training the missing ones in ``workers``
-    processes of one thread each, biggest first. Prints one line per finished run."""
+    processes of one thread each, biggest first. Prints one line per finished run. A run that fails
+    does not stop the others: RunsFailed names every failed run and its error at the end."""
     dirs = [run_dir(run_root, **job) for job in jobs]
     missing = []
     for job, d in zip(jobs, dirs):
@@ -89,17 +98,34 @@ def ensure_runs(run_root, jobs: list[dict], workers: int = 2) -> list[Path]:
         else:
             missing.append(dict(job, run_root=run_root))
     missing.sort(key=lambda job: -len(job.get("tasks") or range(99)))  # long streams first
+    failures = {}
     if workers <= 1 or len(missing) <= 1:
         for job in missing:
-            ensure_run(**job)
-        return dirs
-    start = time.perf_counter()
-    with ProcessPoolExecutor(min(workers, len(missing)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_train_one, job): job for job in missing}
-        for done, future in enumerate(as_completed(futures), 1):
-            out = future.result()  # a failed run raises here, naming its error
-            print(f"[{done}/{len(missing)}] trained {Path(out).name} ({time.perf_counter() - start:.0f} s)", flush=True)
+            try:
+                ensure_run(**job)
+            except (RunError, ValueError) as err:
+                failures[run_dir(**job)] = str(err)
+    else:
+        start = time.perf_counter()
+        with ProcessPoolExecutor(min(workers, len(missing)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_train_one, job): job for job in missing}
+            for done, future in enumerate(as_completed(futures), 1):
+                try:
+                    out = future.result()
+                except Exception as err:  # noqa: BLE001 -- every failure is reported, by run, at the end
+                    failures[run_dir(**futures[future])] = f"{type(err).__name__}: {err}"
+                    continue
+                print(f"[{done}/{len(missing)}] trained {Path(out).name} ({time.perf_counter() - start:.0f} s)",
+                      flush=True)
+    if failures:
+        raise RunsFailed(failures)
     return dirs
+
+
+def diverged(run: Path) -> bool:
+    """Whether the run stopped because a task's training loss became non-finite."""
+    progress = Path(run) / "progress.json"
+    return progress.exists() and files.read_json(progress).get("diverged") is not None
 
 
 # criterion -> (its score in metrics.json["validation"], its column in the selection table, the best end,
@@ -134,9 +160,15 @@ def select(run_root, method: str, grid: dict[str, list[str]] | None = None, *, c
     jobs = [dict(method=method, data=data, tasks=tasks, profile=profile, seed=seed,
                  sets={**(sets or {}), **candidate, "val_fraction": val_fraction}) for _, candidate in named]
     keys = list(dict.fromkeys(k for _, candidate in named for k in candidate))  # a missing key: the profile's
+    try:
+        outs = ensure_runs(run_root, jobs, workers)
+    except RunsFailed as err:  # a diverged candidate is a result (never chosen); any other failure is not
+        if not all(diverged(d) for d in err.failures):
+            raise
+        outs = [run_dir(run_root, **job) for job in jobs]
     rows = []
-    for (name, candidate), out in zip(named, ensure_runs(run_root, jobs, workers)):
-        validation = load_metrics(out)["validation"] or {}
+    for (name, candidate), out in zip(named, outs):
+        validation = {} if diverged(out) else (load_metrics(out)["validation"] or {})
         rows.append({**({"candidate": name} if name is not None else {}), **{k: candidate.get(k) for k in keys},
                      **{col: validation.get(score) for score, col, *_ in CRITERIA.values()}, "run": str(out)})
     finite = [r for r in rows if r[column] is not None and np.isfinite(r[column])]

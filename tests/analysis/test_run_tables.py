@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -71,10 +72,15 @@ def test_oracle_view_without_oracle_scores_names_the_method(oracle):
         run_tables.oracle_view(metrics)
 
 
+def _run(folder: Path, metrics: dict) -> Path:
+    """A run directory holding ``metrics`` (and the config.json that makes it a run)."""
+    files.write_json(folder / "config.json", {"method": metrics["method"], "tasks": metrics["tasks"], "config": {}})
+    return files.write_json(folder / "metrics.json", metrics).parent
+
+
 def test_method_metrics_adds_an_oracle_label_only_for_routed_runs(tmp_path):
-    routed = [files.write_json(tmp_path / f"decoflow-s{s}" / "metrics.json", _metrics("decoflow", True)).parent
-              for s in (0, 1)]
-    plain = files.write_json(tmp_path / "ewc-s0" / "metrics.json", _metrics("ewc", False)).parent
+    routed = [_run(tmp_path / f"decoflow-s{s}", _metrics("decoflow", True)) for s in (0, 1)]
+    plain = _run(tmp_path / "ewc-s0", _metrics("ewc", False))
     out = run_tables.method_metrics({"decoflow": routed, "ewc": [plain]})
     assert list(out) == ["decoflow", "decoflow (oracle task id)", "ewc"]
     assert len(out["decoflow"]) == 2 and len(out["decoflow (oracle task id)"]) == 2 and len(out["ewc"]) == 1
@@ -88,7 +94,7 @@ def test_method_metrics_adds_an_oracle_label_only_for_routed_runs(tmp_path):
 
 
 def test_method_metrics_needs_oracle_scores_in_every_seed(tmp_path):
-    with_oracle = files.write_json(tmp_path / "a" / "metrics.json", _metrics("decoflow", True)).parent
-    without = files.write_json(tmp_path / "b" / "metrics.json", _metrics("decoflow", False)).parent
+    with_oracle = _run(tmp_path / "a", _metrics("decoflow", True))
+    without = _run(tmp_path / "b", _metrics("decoflow", False))
     out = run_tables.method_metrics({"decoflow": [with_oracle, without]})
     assert list(out) == ["decoflow"]
