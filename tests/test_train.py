@@ -273,10 +273,10 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_results(run_method, ti
         learned.append(task)
         return original_prepare(self, task, features, seed=seed)
 
-    def crash_on_last_task(learner, data, config):
+    def crash_on_last_task(learner, data, config, **kwargs):
         if data.name == ALL_TASKS[-1]:
             raise SimulatedCrash
-        return original_evaluate(learner, data, config)
+        return original_evaluate(learner, data, config, **kwargs)
 
     monkeypatch.setattr(DeCoFlowLearner, "prepare_task", counting_prepare)
     monkeypatch.setattr(train, "evaluate_task", crash_on_last_task)
@@ -371,3 +371,22 @@ def test_every_baseline_runs_and_states_what_it_is(method, run_method):
         assert metrics["params"]["per_task"] == 0 and metrics["params"]["base"] > 0
 
 
+
+
+def test_evaluation_results_are_reused_only_for_the_same_routing(tiny_tree, smoke_args, tmp_path, monkeypatch):
+    """An isolated learner's task scores depend only on which task each image is routed to."""
+    config = make_config("smoke", {"image_size": "64", "feature_cache": str(tmp_path), "device": "cpu"})
+    data = train.load_task(tiny_tree, "checker", train.build_extractor(config), config, "cpu")
+    learner = DeCoFlowLearner(config, data.train["patch"].shape[1], "cpu")
+    train.learn(learner, "checker", data.train, seed=0)
+    assert learner.isolated
+    cache = {}
+    first = train.evaluate_task(learner, data, config, cache=cache)
+    assert train.evaluate_task(learner, data, config, cache=cache) is first  # reused
+    fresh = train.evaluate_task(learner, data, config)
+    assert {k: fresh[k] for k in METRICS} == {k: first[k] for k in METRICS}  # and equal to a recomputation
+    calls = []
+    monkeypatch.setattr(learner, "patch_nll", lambda task, x: calls.append(task) or torch.zeros(len(x), 14, 14))
+    monkeypatch.setattr(learner, "route", lambda pooled: ["other"] * len(pooled))  # another routing
+    train.evaluate_task(learner, data, config, cache=cache)
+    assert calls == ["other"]

@@ -97,6 +97,7 @@ class _RoutedLearner(Learner):
     """Routed learners scored by ``score(task, x)``: (B, D, H, W) on the device -> (B, H, W)."""
 
     uses_router = True
+    isolated = True  # the base is frozen after task 0 and every later task trains only its own parameters
 
     def __init__(self, config, dim, device):
         if not config.freeze_base:

@@ -47,6 +47,7 @@ class Learner:
     uses_router = False
     breaks_no_replay = False
     continual = True
+    isolated = False  # True: a learned task's parameters never change afterwards (its scores can be reused)
 
     def __init__(self, config: Config, dim: int, device: str):
         self.config, self.dim, self.device = config, dim, device

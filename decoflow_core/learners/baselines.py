@@ -96,6 +96,7 @@ class IndependentLearner(Learner):
     """A whole flow per task (no sharing) and the prototype router."""
 
     uses_router = True
+    isolated = True
 
     def __init__(self, config, dim, device):
         super().__init__(config, dim, device)
@@ -133,6 +134,7 @@ class PaDiMReference(Learner):
     """Per task and per grid position a Gaussian of the patch features; score = squared Mahalanobis."""
 
     continual = False
+    isolated = True
 
     def __init__(self, config, dim, device, *, reg: float = 0.01):
         super().__init__(config, dim, device)

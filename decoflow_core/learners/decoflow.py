@@ -9,6 +9,10 @@ from .base import Learner, TrainingPlan, task_config
 class DeCoFlowLearner(Learner):
     uses_router = True
 
+    @property
+    def isolated(self):
+        return self.config.freeze_base  # with a trainable base every task moves the shared weights
+
     def __init__(self, config, dim, device):
         super().__init__(config, dim, device)
         self.model = build_flow(config, dim).to(device)
