@@ -79,6 +79,7 @@ class Config:
     router_metric: str = "mahalanobis"
     router_reg: float = 1e-5
     router_shrinkage: str | None = "ledoit_wolf"
+    router_accept_quantile: float = 0.99  # an image beyond this quantile of every task's own distances is "unknown"
     router_feature: str = "backbone"  # backbone (mean of the raw stages) | patch (mean of the D-dim features)
     # scoring (Sec. 3.9) and evaluation
     score_mode: str = "topk"
@@ -151,6 +152,7 @@ RANGES = {
     "independent_lr": (0, None, False), "weight_decay": (0, None, True), "grad_clip": (0, None, False),
     "lr_min_ratio": (0, 1, True), "warmup_epochs": (0, None, True), "skip_loss_above": (0, None, False),
     "val_fraction": (0, 1, True), "router_reg": (0, None, True), "score_k": (1, None, True),
+    "router_accept_quantile": (0, 1, False),
     "map_sigma": (0, None, True), "eval_size": (8, None, True), "ewc_lambda": (0, None, True),
     "replay_per_task": (0, None, True), "num_threads": (0, None, True),
 }

@@ -135,9 +135,10 @@ def _common_parts(parts: list[tuple]) -> tuple:
 
 
 def score_images(run_dir, images, out_dir=None, *, allow_partial: bool = False, overwrite: bool = False):
-    """Route and score each image and write its anomaly map. Yields one record per image: image,
-    task, distance (to the routed task's prototype), score, map -- or image and error for an image
-    that cannot be read (the others are still scored)."""
+    """Route and score each image and write its anomaly map. Yields one record per image: image, task
+    (the routed task, or "unknown" when the image lies beyond every task's accepted distance), nearest
+    (the nearest task, which scores it either way), distance (to that task's prototype), score, map --
+    or image and error for an image that cannot be read (the others are still scored)."""
     config, extractor, learner, device = load_run(run_dir, allow_partial=allow_partial)
     if isinstance(learner, PaDiMReference):
         raise RunError(f"{run_dir} is a padim run: it scores with a given task id, which `score` does not take")
@@ -156,31 +157,29 @@ def score_images(run_dir, images, out_dir=None, *, allow_partial: bool = False, 
             yield {"image": str(path), "error": str(err)}
             continue
         patch, pooled = extractor(batch.to(device))
-        distance = None
         if learner.uses_router:
-            distances = learner.router.distances(pooled.cpu())[0]
-            task = learner.router.tasks[int(distances.argmin())]
-            distance = float(distances.min())
+            decision = learner.router.route_or_unknown(pooled.cpu())[0]
         else:  # one shared flow
-            task = SHARED
-        nll = learner.patch_nll(task, patch.cpu())
+            decision = {"task": SHARED, "nearest": SHARED, "distance": None}
+        nll = learner.patch_nll(decision["nearest"], patch.cpu())  # an unknown image is scored by its nearest task
         score = image_score(nll, mode=config.score_mode, k=config.score_k).item()
         amap = pixel_maps(nll, config, config.image_size)[0].numpy()
         norm = (amap - amap.min()) / max(float(np.ptp(amap)), 1e-12)
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((cm.inferno(norm)[..., :3] * 255).astype(np.uint8)).save(target)
-        yield {"image": str(path), "task": task, "distance": distance, "score": score, "map": str(target)}
+        yield {"image": str(path), **decision, "score": score, "map": str(target)}
 
 
 def score_lines(records, as_json: bool = False):
     """Tab-separated lines (a header first) or JSON lines of ``score_images`` records."""
     if not as_json:
-        yield "image\ttask\tdistance\tscore\tmap"
+        yield "image\ttask\tnearest\tdistance\tscore\tmap"
     for record in records:
         if as_json:
             yield json.dumps(record)
         elif "error" in record:
-            yield f"{record['image']}\t-\t-\t-\terror: {record['error']}"
+            yield f"{record['image']}\t-\t-\t-\t-\terror: {record['error']}"
         else:
             distance = "n/a" if record["distance"] is None else f"{record['distance']:.3f}"
-            yield f"{record['image']}\t{record['task']}\t{distance}\t{record['score']:.4f}\t{record['map']}"
+            yield (f"{record['image']}\t{record['task']}\t{record['nearest']}\t{distance}\t{record['score']:.4f}\t"
+                   f"{record['map']}")

@@ -1,6 +1,9 @@
-"""Prototype-based task routing (Sec. 3.8): pick the task whose feature prototype is nearest."""
+"""Prototype-based task routing (Sec. 3.8): pick the task whose feature prototype is nearest, and call
+an image that lies outside every task's accepted distance ``unknown``."""
 import torch
 from sklearn.covariance import LedoitWolf
+
+UNKNOWN = "unknown"
 
 
 class PrototypeRouter:
@@ -11,15 +14,22 @@ class PrototypeRouter:
     when a task has fewer images than feature dimensions (N < G), where the sample covariance is
     singular. Prototypes are stored in `dtype` (float32 as counted in the paper's memory figure);
     distances are computed in float64.
+
+    Each task also gets an acceptance threshold: the ``accept_quantile`` of its own training images'
+    distances, each measured to a prototype fitted without it (``folds``-fold cross-fitting, so the
+    threshold reflects unseen images of the task while the prototype still uses every image). An image
+    farther than its nearest task's threshold is ``unknown`` (``route_or_unknown``).
     """
 
-    def __init__(self, *, metric="mahalanobis", reg=1e-5, shrinkage=None, dtype=torch.float32):
+    def __init__(self, *, metric="mahalanobis", reg=1e-5, shrinkage=None, dtype=torch.float32,
+                 accept_quantile=0.99, folds=5):
         if metric not in ("mahalanobis", "euclidean"):
             raise ValueError(f"metric must be 'mahalanobis' or 'euclidean', got {metric!r}")
         if shrinkage not in (None, "ledoit_wolf"):
             raise ValueError(f"shrinkage must be None or 'ledoit_wolf', got {shrinkage!r}")
         self.metric, self.reg, self.shrinkage, self.dtype = metric, reg, shrinkage, dtype
-        self.tasks, self.means, self.precisions = [], [], []
+        self.accept_quantile, self.folds = accept_quantile, folds
+        self.tasks, self.means, self.precisions, self.thresholds = [], [], [], []
 
     def add_task(self, name, feats):
         """Store task `name`'s prototype from its normal training features (N, G)."""
@@ -32,6 +42,7 @@ class PrototypeRouter:
         self.means.append(feats.mean(dim=0).to(self.dtype))
         if self.metric == "mahalanobis":
             self.precisions.append(self._precision(feats).to(self.dtype))
+        self.thresholds.append(self._threshold(feats))
 
     def _precision(self, feats):  # (N, G) float64 -> (G, G)
         if self.shrinkage == "ledoit_wolf":
@@ -40,6 +51,26 @@ class PrototypeRouter:
             cov = torch.cov(feats.T)
         eye = torch.eye(feats.shape[1], dtype=torch.float64)
         return torch.linalg.inv(cov.reshape(eye.shape) + self.reg * eye)
+
+    def _distance(self, feats, mean, precision):  # (B, G), (G,), (G, G) or None -> (B,)
+        diff = feats - mean
+        if precision is None:
+            return diff.norm(dim=-1)
+        return torch.einsum("bg,gh,bh->b", diff, precision, diff).clamp_min(0).sqrt()
+
+    def _threshold(self, feats) -> float | None:
+        """The accept_quantile of out-of-fold distances (None with fewer than 2 images per fold)."""
+        n = len(feats)
+        folds = min(self.folds, n // 2)
+        if folds < 2:
+            return None
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        held_out = []
+        for k in range(folds):
+            held, rest = order[k::folds], torch.cat([order[j::folds] for j in range(folds) if j != k])
+            precision = self._precision(feats[rest]) if self.metric == "mahalanobis" else None
+            held_out.append(self._distance(feats[held], feats[rest].mean(dim=0), precision))
+        return float(torch.quantile(torch.cat(held_out), self.accept_quantile))
 
     def distances(self, feats):
         """(B, G) features -> (B, T) distances to every task prototype, in task order."""
@@ -57,16 +88,31 @@ class PrototypeRouter:
         """Name of the nearest task for each of the (B, G) features."""
         return [self.tasks[i] for i in self.distances(feats).argmin(dim=1).tolist()]
 
+    def route_or_unknown(self, feats) -> list[dict]:
+        """Per image: ``task`` (the nearest, or UNKNOWN beyond its threshold), ``nearest``, ``distance``."""
+        distances = self.distances(feats)
+        nearest, index = distances.min(dim=1)
+        out = []
+        for d, i in zip(nearest.tolist(), index.tolist()):
+            limit = self.thresholds[i] if i < len(self.thresholds) else None
+            known = limit is None or d <= limit
+            out.append({"task": self.tasks[i] if known else UNKNOWN, "nearest": self.tasks[i], "distance": d})
+        return out
+
     def state_dict(self):
-        return {"config": dict(metric=self.metric, reg=self.reg, shrinkage=self.shrinkage),
+        return {"config": dict(metric=self.metric, reg=self.reg, shrinkage=self.shrinkage,
+                               accept_quantile=self.accept_quantile, folds=self.folds),
                 "tasks": list(self.tasks), "means": [m.clone() for m in self.means],
-                "precisions": [p.clone() for p in self.precisions]}
+                "precisions": [p.clone() for p in self.precisions], "thresholds": list(self.thresholds)}
 
     def load_state_dict(self, state):
-        self.metric, self.reg, self.shrinkage = (state["config"][k] for k in ("metric", "reg", "shrinkage"))
+        config = state["config"]
+        self.metric, self.reg, self.shrinkage = (config[k] for k in ("metric", "reg", "shrinkage"))
+        self.accept_quantile = config.get("accept_quantile", self.accept_quantile)
         self.tasks = list(state["tasks"])
         self.means = [m.clone() for m in state["means"]]
         self.precisions = [p.clone() for p in state["precisions"]]
+        self.thresholds = list(state.get("thresholds") or [None] * len(self.tasks))  # older runs: never unknown
 
     def memory_bytes(self):
         """Bytes held by the prototypes (means and precision matrices)."""

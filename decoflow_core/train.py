@@ -39,6 +39,7 @@ from .metrics import (
     image_auroc_by_type,
     pixel_auroc_ap,
 )
+from .router import UNKNOWN
 from .scoring import image_score, pixel_maps
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
@@ -243,7 +244,7 @@ def evaluate_task(learner: Learner, data: TaskData, config: Config, *, oracle: b
         routed = [data.name] * len(data.labels)
     key = (data.name, tuple(routed))
     if cache is not None and key in cache:
-        return cache[key]
+        return {**cache[key], "unknown": unknown_shares(learner, data)}
     nll = torch.empty(data.test["patch"].shape[0], *data.test["patch"].shape[2:])
     for task in sorted(set(routed)):
         idx = torch.tensor([i for i, r in enumerate(routed) if r == task])
@@ -257,7 +258,23 @@ def evaluate_task(learner: Learner, data: TaskData, config: Config, *, oracle: b
         result["pixel_auroc"], result["pixel_ap"] = pixel_auroc_ap(data.masks, maps)
     if cache is not None:
         cache[key] = result
-    return result
+    return {**result, "unknown": unknown_shares(learner, data)}  # the router's view changes with every new task
+
+
+def unknown_shares(learner: Learner, data: TaskData) -> dict | None:
+    """Shares of the task's good and defective test images (and held-out train/good images, when there
+    are any) that the router calls unknown: beyond every task's acceptance threshold. An unknown image is
+    still scored with its nearest task: detection metrics do not change."""
+    if learner.router is None:
+        return None
+    unknown = np.array([d["task"] == UNKNOWN for d in learner.router.route_or_unknown(data.test["pooled"])])
+    shares = {"good": float(unknown[data.labels == 0].mean()) if (data.labels == 0).any() else None,
+              "defect": float(unknown[data.labels == 1].mean()) if (data.labels == 1).any() else None,
+              "held_out_good": None}
+    if data.val is not None:  # the false-rejection rate on good images the router never saw
+        shares["held_out_good"] = float(np.mean([d["task"] == UNKNOWN for d in
+                                                 learner.router.route_or_unknown(data.val["pooled"])]))
+    return shares
 
 
 def run_metadata(config: Config, extractor: FeatureExtractor, method: str, tasks: list[str],
@@ -336,7 +353,10 @@ def summarise(progress: dict, meta: dict, learner: Learner) -> dict:
                       "synthetic_auroc": synthetic or None, "mean_synthetic_auroc": None}
         if synthetic and None not in synthetic.values():
             validation["mean_synthetic_auroc"] = float(np.mean(list(synthetic.values())))
+    elsewhere = ({j: float(np.mean([r != j for r in routed])) for j, routed in progress["final_routing"].items()}
+                 if routing is not None else None)
     return {"method": meta["method"], "tasks": tasks, **scores, "oracle": oracle, "routing_accuracy": routing,
+            "routed_elsewhere": elsewhere, "unknown": progress.get("final_unknown") if routing is not None else None,
             "validation": validation, "final_by_defect": progress.get("final_by_defect"),
             "params": learner.params(), "seconds": progress["seconds"], "history": progress["history"],
             "breaks_no_replay": meta["breaks_no_replay"], "continual": continual,
@@ -553,6 +573,7 @@ def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: 
             result = evaluate_task(learner, data[j], config, cache=eval_cache)
             row[tasks[j]] = _recorded(result)
             progress["final_routing"][tasks[j]] = result["routed"]
+            progress.setdefault("final_unknown", {})[tasks[j]] = result["unknown"]
             progress.setdefault("final_by_defect", {})[tasks[j]] = result["by_defect"]
             if routed_run:  # the same model given the true task id; identical inputs when routing was right
                 if any(r != tasks[j] for r in result["routed"]):

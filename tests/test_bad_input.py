@@ -57,7 +57,7 @@ def test_score_maps_never_collide_and_are_never_replaced_silently(run_method, ti
     out = tmp_path / "maps"
     capsys.readouterr()
     assert main(["score", "--run", str(run), "--out", str(out), *map(str, same_name)]) == 0
-    maps = [line.split("\t")[4] for line in capsys.readouterr().out.strip().splitlines()[1:]]
+    maps = [line.split("\t")[5] for line in capsys.readouterr().out.strip().splitlines()[1:]]
     assert len(set(maps)) == 2 and all(Path(m).exists() for m in maps)
     assert main(["score", "--run", str(run), "--out", str(out), *map(str, same_name)]) == 2
     assert "already exist" in error_line(capsys)
@@ -91,7 +91,7 @@ def test_score_on_an_unfinished_run_needs_allow_partial(tree, smoke_args, tmp_pa
     line = error_line(capsys)
     assert "1 of 3 tasks" in line and "checker" in line and "--allow-partial" in line
     assert main(["score", "--run", str(out), "--out", str(tmp_path / "maps"), "--allow-partial", image]) == 0
-    assert capsys.readouterr().out.splitlines()[1].split("\t")[1] == "checker"  # the only task it knows
+    assert capsys.readouterr().out.splitlines()[1].split("\t")[2] == "checker"  # the only task it knows
 
 
 @pytest.mark.parametrize("pair, named", [
@@ -252,7 +252,8 @@ def test_score_with_one_bad_path_scores_the_others(run_method, tiny_tree, tmp_pa
     captured = capsys.readouterr()
     records = [json.loads(line) for line in captured.out.strip().splitlines()]
     assert [("error" in r) for r in records] == [True, False, True]
-    assert set(records[1]) == {"image", "task", "distance", "score", "map"} and Path(records[1]["map"]).exists()
+    assert set(records[1]) == {"image", "task", "nearest", "distance", "score", "map"}
+    assert Path(records[1]["map"]).exists()
     assert captured.err.startswith("error: 2 of 3 image(s)")
 
 

@@ -1,23 +1,26 @@
 """The command line: bad arguments, info, report, score and --set parsing."""
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import ALL_TASKS, TWO_TASKS, error_line, run_argv
 from PIL import Image
 
 from decoflow_core.cli import main, parse_sets
 from decoflow_core.config import ConfigError, make_config
 
+from conftest import ALL_TASKS, TWO_TASKS, error_line, read_json, run_argv
+
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {"method", "tasks", "final", "mean", "forgetting", "bwt", "routing_accuracy", "params", "seconds"}
 DOCUMENTED_EXTRA_KEYS = {"oracle", "validation", "final_by_defect", "history", "breaks_no_replay", "continual", "backbone",
-                         "weight_source", "mean_over"}
+                         "weight_source", "mean_over", "routed_elsewhere", "unknown"}
 
 
 # ----------------------------------------------------------------------------- bad arguments
@@ -104,10 +107,10 @@ def test_score_routes_each_image_and_writes_its_anomaly_map(run_method, tiny_tre
     capsys.readouterr()
     assert main(["score", "--run", str(out), "--out", str(tmp_path / "maps"), *map(str, images)]) == 0
     header, *lines = capsys.readouterr().out.strip().splitlines()
-    assert header.split("\t") == ["image", "task", "distance", "score", "map"]
-    assert [line.split("\t")[1] for line in lines] == ["gradient", "checker"]
+    assert header.split("\t") == ["image", "task", "nearest", "distance", "score", "map"]
+    assert [line.split("\t")[2] for line in lines] == ["gradient", "checker"]
     for line, image in zip(lines, images):
-        path, _, distance, score, target = line.split("\t")
+        path, _, _, distance, score, target = line.split("\t")
         assert math.isfinite(float(score)) and float(distance) >= 0
         with Image.open(target) as written:
             assert written.format == "PNG" and written.size == (64, 64) and written.mode == "RGB"
@@ -153,3 +156,19 @@ def test_none_is_refused_for_a_field_that_cannot_be_none():
 # ----------------------------------------------------------------------------- select (validation NLL)
 
 
+
+
+def test_score_calls_a_category_the_run_never_learned_unknown(run_method, tiny_tree, tmp_path, capsys):
+    """Trained on checker and gradient: the held-out category `noise` is unknown, their own good
+    test images are not."""
+    run = run_method("decoflow", tasks=["checker", "gradient"])
+    unseen = sorted((tiny_tree / "noise" / "test").rglob("*.png"))
+    known = sorted((tiny_tree / "checker" / "test" / "good").glob("*.png"))
+    capsys.readouterr()
+    assert main(["score", "--run", str(run), "--out", str(tmp_path / "maps"), "--json", *map(str, unseen + known)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    flagged = [r["task"] == "unknown" for r in records]
+    assert np.mean(flagged[:len(unseen)]) >= 0.9 and np.mean(flagged[len(unseen):]) <= 0.25
+    assert all(r["nearest"] in ("checker", "gradient") and math.isfinite(r["score"]) for r in records)
+    metrics = read_json(run / "metrics.json")
+    assert set(metrics["unknown"]) == {"checker", "gradient"} and metrics["routed_elsewhere"]["checker"] == 0.0

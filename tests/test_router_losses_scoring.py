@@ -1,6 +1,7 @@
 """Router, losses and scoring on hand-computed and constructed cases."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,3 +141,35 @@ def test_anomaly_map_keeps_the_peak():
     window = amap[12:28, 36:52]  # symmetric about the patch centre (19.5, 43.5)
     assert torch.allclose(window, window.flip(0), atol=1e-6) and torch.allclose(window, window.flip(1), atol=1e-6)
     assert torch.equal(anomaly_map(patch, size=8, sigma=0), patch)
+
+
+def test_the_router_calls_far_images_unknown_and_accepts_its_own():
+    gen = torch.Generator().manual_seed(0)
+    tasks = {"a": torch.randn(200, 6, generator=gen), "b": torch.randn(200, 6, generator=gen) + 8}
+    for shrinkage in (None, "ledoit_wolf"):
+        router = PrototypeRouter(metric="mahalanobis", shrinkage=shrinkage, accept_quantile=0.99)
+        for name, feats in tasks.items():
+            router.add_task(name, feats)
+        own = router.route_or_unknown(torch.randn(500, 6, generator=gen))  # unseen images of task a
+        assert np.mean([d["task"] == "unknown" for d in own]) < 0.05
+        assert all(d["nearest"] == "a" for d in own)
+        stranger = router.route_or_unknown(torch.randn(100, 6, generator=gen) - 8)  # a category never learned
+        assert np.mean([d["task"] == "unknown" for d in stranger]) > 0.95
+        assert stranger[0]["nearest"] in tasks and stranger[0]["distance"] > router.thresholds[0]
+
+
+def test_the_acceptance_threshold_is_a_quantile_of_out_of_fold_distances():
+    feats = torch.arange(20, dtype=torch.float64)[:, None]  # one feature: distances are |x - mean of the rest|
+    router = PrototypeRouter(metric="euclidean", accept_quantile=1.0, folds=2)
+    router.add_task("line", feats)
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(0))
+    by_hand = []
+    for k in range(2):
+        held, rest = order[k::2], order[1 - k::2]
+        by_hand += (feats[held, 0] - feats[rest, 0].mean()).abs().tolist()
+    assert router.thresholds == [pytest.approx(max(by_hand))]
+    state = router.state_dict()
+    del state["thresholds"]  # a router saved before thresholds existed: nothing is unknown
+    old = PrototypeRouter(metric="euclidean")
+    old.load_state_dict(state)
+    assert old.route_or_unknown(torch.tensor([[1e6]], dtype=torch.float64))[0]["task"] == "line"

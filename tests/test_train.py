@@ -36,7 +36,7 @@ from decoflow_core.train import METRICS
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {"method", "tasks", "final", "mean", "forgetting", "bwt", "routing_accuracy", "params", "seconds"}
 DOCUMENTED_EXTRA_KEYS = {"oracle", "validation", "final_by_defect", "history", "breaks_no_replay", "continual", "backbone",
-                         "weight_source", "mean_over"}
+                         "weight_source", "mean_over", "routed_elsewhere", "unknown"}
 
 
 # ----------------------------------------------------------------------------- the run directory
@@ -382,7 +382,8 @@ def test_evaluation_results_are_reused_only_for_the_same_routing(tiny_tree, smok
     assert learner.isolated
     cache = {}
     first = train.evaluate_task(learner, data, config, cache=cache)
-    assert train.evaluate_task(learner, data, config, cache=cache) is first  # reused
+    assert train.evaluate_task(learner, data, config, cache=cache) == first  # reused
+    assert len(cache) == 1
     fresh = train.evaluate_task(learner, data, config)
     assert {k: fresh[k] for k in METRICS} == {k: first[k] for k in METRICS}  # and equal to a recomputation
     calls = []

@@ -52,7 +52,8 @@ class Learner:
     def __init__(self, config: Config, dim: int, device: str):
         self.config, self.dim, self.device = config, dim, device
         self.router = PrototypeRouter(metric=config.router_metric, reg=config.router_reg,
-                                      shrinkage=config.router_shrinkage) if self.uses_router else None
+                                      shrinkage=config.router_shrinkage,
+                                      accept_quantile=config.router_accept_quantile) if self.uses_router else None
 
     def prepare_task(self, task: str, features: dict, *, seed: int) -> TrainingPlan | None:
         raise NotImplementedError
