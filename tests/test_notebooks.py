@@ -215,6 +215,8 @@ def test_06_routing_confusion(executed):
     assert v["kit_router_accuracy"] == v["run_routing_accuracy"]
     assert v["kit_router_accuracy"] == v["accuracy/Mahalanobis, Ledoit-Wolf"]
     assert (v["routing_errors"] == 0) == (v["kit_router_accuracy"] == 1.0)
+    # distinct categories: an unlearned one is mostly unknown, held-out good images are mostly accepted
+    assert v["unknown/never_learned_mean"] > 0.5 and v["unknown/false_rejection_mean"] < 0.5
 
 
 def test_07_component_ablation(executed):

@@ -1,10 +1,12 @@
-"""The prototype router on its own (Sec. 3.8, 4.4.6; notebook 06): confusion and errors."""
+"""The prototype router on its own (Sec. 3.8, 4.4.6; notebook 06): confusion, errors, and how often an
+image of a category the run never learned is called unknown."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
-from ..router import PrototypeRouter
+from ..router import UNKNOWN, PrototypeRouter
 
 
 def routing_confusion(train: dict, test: dict, **router_options) -> tuple[np.ndarray, float]:
@@ -32,3 +34,31 @@ def routing_errors(confusion, tasks: list[str]) -> pd.DataFrame:
 def row_normalise(confusion) -> np.ndarray:
     confusion = np.asarray(confusion, dtype=float)
     return confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+
+
+def unknown_category_rates(train: dict, test: dict, *, held_out: float = 0.1, seed: int = 0,
+                           **router_options) -> pd.DataFrame:
+    """Per task (``train``/``test``: {task: (N, G) pooled features}): the share of its test images called
+    unknown by a router that never learned it (fit on every other task), and the false-rejection rate:
+    the share of its own held-out train/good images (``held_out``, drawn with ``seed``) that a router
+    fit on the rest of every task's training images calls unknown."""
+    generator = torch.Generator().manual_seed(seed)
+    keep, spare = {}, {}
+    for task, feats in train.items():
+        order = torch.randperm(len(feats), generator=generator)
+        n = max(1, round(held_out * len(feats)))
+        spare[task], keep[task] = feats[order[:n]], feats[order[n:]]
+    router = PrototypeRouter(**router_options)  # a task's prototype and threshold do not depend on the others
+    for task, feats in keep.items():
+        router.add_task(task, feats)
+    limits = torch.tensor([np.inf if t is None else t for t in router.thresholds], dtype=torch.float64)
+    rows = []
+    for k, task in enumerate(train):
+        distances = router.distances(test[task])
+        distances[:, k] = np.inf  # the router that never learned this task
+        nearest, index = distances.min(dim=1)
+        never_learned = (nearest > limits[index]).double().mean()
+        rejected = np.mean([d["task"] == UNKNOWN for d in router.route_or_unknown(spare[task])])
+        rows.append({"task": task, "unknown when never learned": float(never_learned),
+                     "false rejection (held-out good)": float(rejected)})
+    return pd.DataFrame(rows)

@@ -30,3 +30,14 @@ def test_mahalanobis_routes_what_euclidean_gets_wrong():
 
 def test_row_normalise():
     np.testing.assert_allclose(routing.row_normalise([[3, 1], [0, 0]]), [[0.75, 0.25], [0.0, 0.0]])
+
+
+def test_unknown_category_rates_of_separated_and_of_overlapping_tasks():
+    gen = torch.Generator().manual_seed(0)
+    centres = {"a": 0.0, "b": 10.0, "c": 20.0, "twin_of_c": 20.0}
+    train = {t: torch.randn(100, 4, generator=gen) + c for t, c in centres.items()}
+    test = {t: torch.randn(50, 4, generator=gen) + c for t, c in centres.items()}
+    rates = routing.unknown_category_rates(train, test, metric="mahalanobis", shrinkage="ledoit_wolf").set_index("task")
+    assert rates.loc["a", "unknown when never learned"] > 0.95 and rates.loc["b", "unknown when never learned"] > 0.95
+    assert rates.loc["c", "unknown when never learned"] < 0.2  # its twin accepts it: a look-alike is not unknown
+    assert (rates["false rejection (held-out good)"] < 0.2).all()
