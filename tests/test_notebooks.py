@@ -283,3 +283,32 @@ def test_report_notebook_times(executed, capsys):
         for name in EXPECTED:
             print(f"\n{name}: {executed[name][2]:.0f} s", end="")
         print()
+
+
+def test_a_notebook_edited_in_jupyter_is_committed_with_the_edit_and_without_outputs(tmp_path):
+    """The committed filter (.gitattributes, installed by `make setup`): `git add` keeps a changed cell
+    and drops what running the notebook added."""
+    import shutil
+    import subprocess
+    import sys
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = lambda *args: subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)  # noqa: E731
+    git("init", "-q")
+    shutil.copy(REPO / ".gitattributes", repo / ".gitattributes")
+    subprocess.run([sys.executable, "-m", "nbstripout", "--install", "--attributes", ".gitattributes"], cwd=repo,
+                   check=True, capture_output=True)
+    notebook = nbformat.read(NOTEBOOKS[0], as_version=4)
+    code = next(c for c in notebook.cells if c.cell_type == "code" and "ctx" in c.source)
+    code.source += "\nprint('my edit')"
+    code.outputs = [nbformat.v4.new_output("stream", name="stdout", text="my edit\n")]
+    code.execution_count = 3
+    nbformat.write(notebook, repo / "edited.ipynb")
+    git("add", "edited.ipynb")
+    staged = nbformat.reads(git("show", ":edited.ipynb").stdout, as_version=4)
+    cells = [c for c in staged.cells if c.cell_type == "code"]
+    assert any("print('my edit')" in c.source for c in cells)
+    assert all(not c.outputs and c.execution_count is None for c in cells)
+    assert parameter_cells(staged)  # the parameters tag survives
