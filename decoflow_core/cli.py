@@ -16,7 +16,7 @@ from .bench import benchmark, parameter_counts
 from .config import ConfigError, make_config
 from .data import DataError, format_info_table, validate_tree
 from .datasets import EMBEDDED_DIR, build_embedded, resolve_data
-from .datasets.converters import convert_visa
+from .datasets.converters import CONVERTERS, MVTEC_AD2_NOTE, REALIAD_RESOLUTIONS
 from .report import format_report, report_is_complete, score_images, score_lines
 from .train import RunError, run
 
@@ -54,9 +54,14 @@ def cmd_prepare(args) -> int:
         print(f"embedded benchmark ready at {build_embedded(args.out or EMBEDDED_DIR, seed=args.seed)}")
         return 0
     if not args.src or not args.out:
-        raise ValueError("prepare visa needs --src VISA_ROOT and --out DIR")
-    names = convert_visa(args.src, args.out)
-    print(f"converted {len(names)} VisA objects into {args.out}: {', '.join(names)}")
+        raise ValueError(f"prepare {args.what} needs --src (the unpacked {args.what} release) and --out DIR")
+    if args.resolution and args.what != "realiad":
+        raise ValueError(f"--resolution is for prepare realiad only, not {args.what}")
+    options = {"resolution": args.resolution} if args.what == "realiad" else {}
+    names = CONVERTERS[args.what](args.src, args.out, **options)
+    print(f"converted {len(names)} {args.what} categories into {args.out}: {', '.join(names)}")
+    if args.what == "mvtec_ad2":
+        print(f"note: {MVTEC_AD2_NOTE}")
     return 0
 
 
@@ -67,8 +72,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+def stream_sets(args) -> dict[str, str]:
+    """--set pairs with --scenario and --order folded in (they are config fields)."""
+    sets = parse_sets(args.set)
+    for key in ("scenario", "order"):
+        if getattr(args, key) is not None:
+            if key in sets and sets[key] != getattr(args, key):
+                raise ValueError(f"--{key} {getattr(args, key)} and --set {key}={sets[key]} disagree; give one")
+            sets[key] = getattr(args, key)
+    return sets
+
+
 def cmd_run(args) -> int:
-    config = make_config(args.profile, parse_sets(args.set))
+    config = make_config(args.profile, stream_sets(args))
     metrics = run(data_root=resolve_data(args.data), tasks=parse_tasks(args.tasks), method=args.method,
                   config=config, seed=args.seed, out=args.out, resume=args.resume)
     print(format_report([args.out]))
@@ -135,10 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m decoflow_core", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="build the embedded benchmark or convert VisA to the MVTec layout")
-    p.add_argument("what", choices=["embedded", "visa"])
+    p = sub.add_parser("prepare", help="build the embedded benchmark or convert a published data set to the MVTec layout")
+    p.add_argument("what", choices=["embedded", *CONVERTERS])
     p.add_argument("--out", help="output folder (embedded default: data/embedded)")
-    p.add_argument("--src", help="VisA root (holds split_csv/1cls.csv)")
+    p.add_argument("--src", help="the unpacked release: visa holds split_csv/1cls.csv; mpdd, btad, mvtec_ad2 one "
+                                 "folder per category; realiad realiad_jsons/ and realiad_<resolution>/")
+    p.add_argument("--resolution", choices=REALIAD_RESOLUTIONS,
+                   help="realiad: the image folder realiad_<resolution> to read (needed when there are several)")
     p.add_argument("--seed", type=int, default=0, help="embedded benchmark seed")
     p.set_defaults(func=cmd_prepare)
 
@@ -148,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train and evaluate one method over the task stream")
     p.add_argument("--data", default="embedded", help="MVTec-layout root, or 'embedded' (default)")
-    p.add_argument("--tasks", help="comma-separated task order (default: all categories, alphabetical)")
+    p.add_argument("--tasks", help="comma-separated classes (default: every category, alphabetically), or tasks "
+                                   "of several classes: bottle+cable,carpet")
+    p.add_argument("--scenario", help="B-I: B classes in the first task, I in each later one (default 1-1)")
+    p.add_argument("--order", help="given (default), alphabetical, texture-first, hard-first, easy-first or "
+                                   "random:SEED")
     p.add_argument("--method", default="decoflow", help="decoflow, finetune, ewc, replay, joint, independent")
     p.add_argument("--profile", default="cpu", help="cpu (default), paper, official or smoke")
     p.add_argument("--seed", type=int, default=0)

@@ -14,6 +14,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .scenarios import StreamError, check_order, parse_scenario
+
 
 @dataclass
 class Config:
@@ -88,6 +90,9 @@ class Config:
     map_sigma: float = 4.0  # Gaussian smoothing of the pixel map, in pixels at image_size
     map_padding: str = "replicate"  # the smoothing's border: replicate | reflect (scipy's)
     eval_size: int = 224  # pixel metrics are computed at eval_size x eval_size
+    scenario: str = "1-1"  # B-I: B classes in the first task, I in every later one (scenarios.py)
+    order: str = "given"  # the class order: given | alphabetical | texture-first | hard-first | easy-first | random:SEED
+    router_prototypes: str = "task"  # one prototype per task (all its classes) | per class, mapped to its task
     task_agnostic: bool = True  # False = oracle task id (for comparison only)
     # baselines
     ewc_lambda: float = 100.0
@@ -138,7 +143,7 @@ CHOICES = {
     "scm_gate": ("per_task", "shared"), "scm_init": ("identity", "box"), "acl_layout": ("paper", "official"),
     "tail_scope": ("batch", "image"), "lr_schedule": ("constant", "cosine"), "on_nonfinite": ("stop", "skip"),
     "router_metric": ("mahalanobis", "euclidean"), "router_shrinkage": ("ledoit_wolf",),
-    "router_feature": ("backbone", "patch"), "score_mode": ("topk", "max", "mean"),
+    "router_feature": ("backbone", "patch"), "router_prototypes": ("task", "class"), "score_mode": ("topk", "max", "mean"),
     "map_upsample": ("bilinear", "bicubic"), "map_padding": ("replicate", "reflect"),
 }
 # numeric fields: (lowest, highest, whether the lowest is allowed); every number must be finite
@@ -181,6 +186,11 @@ def validate(config: Config) -> Config:
                 or (key == "val_fraction" and value >= 1):
             allowed = "in [0, 1)" if key == "val_fraction" else _range_text(low, high, low_ok)
             raise ConfigError(f"--set {key}={value}: expected a finite number {allowed}")
+    try:
+        parse_scenario(config.scenario)
+        check_order(config.order)
+    except StreamError as err:
+        raise ConfigError(str(err)) from None  # the flags --scenario and --order set these fields
     if not (config.device in ("auto", "cpu", "mps") or config.device == "cuda" or
             (config.device.startswith("cuda:") and config.device[5:].isdigit())):
         raise ConfigError(f"--set device={config.device}: expected auto, cpu, cuda, cuda:N or mps")

@@ -41,16 +41,21 @@ def load_metrics(run_dir) -> dict:
 
 def _mean_cell(metrics: dict, metric: str) -> str:
     """The mean over tasks, marked "(k/T)" when k < T tasks have the metric (no masks for the others)."""
-    value = _fmt(metrics["mean"][metric])
+    value = _fmt(metrics["mean"].get(metric))
     over, total = (metrics.get("mean_over") or {}).get(metric), len(metrics["tasks"])
     return value if over is None or over in (0, total) else f"{value} ({over}/{total})"
+
+
+def _metric_cells(values: dict) -> list[str]:
+    return [_fmt(values.get(k)) for k in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")]
 
 
 def format_report(run_dirs, per_task: bool = False) -> str:
     """A Markdown table: one row per finished run (mean final metrics, forgetting, cost); a run that is
     not finished or not readable gets a note instead of a row."""
-    header = ["run", "method", "tasks", "I-AUROC", "P-AUROC", "P-AP", "FM (I)", "BWT (I)", "routing",
-              "params/task", "train s"]
+    header = ["run", "method", "tasks", "I-AUROC", "I-AP", "P-AUROC", "P-AP", "AUPRO", "FM (I)", "BWT (I)",
+              "routing", "params/task", "train s"]
+    blank = [""] * (len(header) - 4)
     rows, notes = [], []
     for run_dir in run_dirs:
         try:
@@ -59,10 +64,16 @@ def format_report(run_dirs, per_task: bool = False) -> str:
             notes.append(f"{Path(run_dir).name}: not in the table: {err}")
             continue
         seconds = sum(m["seconds"]["train"].values())
-        rows.append([Path(run_dir).name, m["method"], str(len(m["tasks"])), _mean_cell(m, "image_auroc"),
-                     _mean_cell(m, "pixel_auroc"), _mean_cell(m, "pixel_ap"),
-                     _fmt(m["forgetting"]["image_auroc"]), _fmt(m["bwt"]["image_auroc"]),
-                     _fmt(m["routing_accuracy"]), f"{m['params']['per_task']:,}", f"{seconds:.0f}"])
+        classes = m.get("task_classes") or {t: [t] for t in m["tasks"]}
+        n_classes = sum(len(c) for c in classes.values())
+        count = str(len(m["tasks"])) + (f" ({n_classes} classes)" if n_classes > len(m["tasks"]) else "")
+        routing = _fmt(m["routing_accuracy"])
+        if m.get("class_routing_accuracy") is not None:
+            routing += f" (class {_fmt(m['class_routing_accuracy'])})"
+        rows.append([Path(run_dir).name, m["method"], count] +
+                     [_mean_cell(m, k) for k in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")] +
+                     [_fmt(m["forgetting"]["image_auroc"]), _fmt(m["bwt"]["image_auroc"]), routing,
+                      f"{m['params']['per_task']:,}", f"{seconds:.0f}"])
         if m.get("breaks_no_replay"):
             notes.append(f"{Path(run_dir).name}: replay stores earlier tasks' features: it breaks the no-replay rule.")
         if not m.get("continual", True):
@@ -74,12 +85,16 @@ def format_report(run_dirs, per_task: bool = False) -> str:
                          "(the others lack masks).")
         if per_task:
             by_defect = m.get("final_by_defect") or {}
+            by_class = m.get("final_by_class") or {}
             for task, values in m["final"].items():
-                rows.append(["", f"  {task}", "", _fmt(values["image_auroc"]), _fmt(values["pixel_auroc"]),
-                             _fmt(values["pixel_ap"]), "", "", "", "", ""])
-                if len(by_defect.get(task, {})) > 1:  # good against each defect type alone
-                    rows += [["", f"    {kind}", "", _fmt(v), "", "", "", "", "", "", ""]
-                             for kind, v in by_defect[task].items()]
+                members = classes.get(task, [task])
+                rows.append(["", f"  {task}", ""] + _metric_cells(values) + blank[:-1])
+                for name in members:
+                    if len(members) > 1:  # a task of several classes: each class's own results below it
+                        rows.append(["", f"    {name}", ""] + _metric_cells(by_class.get(name, {})) + blank[:-1])
+                    if len(by_defect.get(name, {})) > 1:  # good against each defect type alone
+                        rows += [["", f"    {'  ' * (len(members) > 1)}{kind}", "", _fmt(v)] + blank
+                                 for kind, v in by_defect[name].items()]
     if not rows:
         raise RunError("no finished run to report: " + "; ".join(notes))
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]

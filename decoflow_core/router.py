@@ -15,7 +15,11 @@ class PrototypeRouter:
     singular. Prototypes are stored in `dtype` (float32 as counted in the paper's memory figure);
     distances are computed in float64.
 
-    Each task also gets an acceptance threshold: the ``accept_quantile`` of its own training images'
+    A task of several classes has one prototype from all its images, or -- ``add_task(cls, feats,
+    task=...)`` per class -- one per class, each mapped to its task: routing returns the task of the
+    nearest prototype, ``nearest_prototypes`` the prototype itself.
+
+    Each prototype also gets an acceptance threshold: the ``accept_quantile`` of its own training images'
     distances, each measured to a prototype fitted without it (``folds``-fold cross-fitting, so the
     threshold reflects unseen images of the task while the prototype still uses every image). An image
     farther than its nearest task's threshold is ``unknown`` (``route_or_unknown``).
@@ -30,15 +34,18 @@ class PrototypeRouter:
         self.metric, self.reg, self.shrinkage, self.dtype = metric, reg, shrinkage, dtype
         self.accept_quantile, self.folds = accept_quantile, folds
         self.tasks, self.means, self.precisions, self.thresholds = [], [], [], []
+        self.owners = []  # the task of each prototype (its own name for a task's prototype)
 
-    def add_task(self, name, feats):
-        """Store task `name`'s prototype from its normal training features (N, G)."""
+    def add_task(self, name, feats, *, task=None):
+        """Store prototype ``name`` from its normal training features (N, G); it routes to ``task``
+        (default: ``name`` itself)."""
         if name in self.tasks:
             raise ValueError(f"router already has task {name!r}")
         feats = torch.as_tensor(feats).detach().to("cpu", torch.float64)
         if feats.dim() != 2 or feats.shape[0] < 2:
             raise ValueError(f"features for {name!r} must be (N >= 2, G), got {tuple(feats.shape)}")
         self.tasks.append(name)
+        self.owners.append(name if task is None else task)
         self.means.append(feats.mean(dim=0).to(self.dtype))
         if self.metric == "mahalanobis":
             self.precisions.append(self._precision(feats).to(self.dtype))
@@ -84,9 +91,13 @@ class PrototypeRouter:
         squared = torch.einsum("btg,tgh,bth->bt", diff, precision, diff)
         return squared.clamp_min(0).sqrt()
 
-    def route(self, feats):
-        """Name of the nearest task for each of the (B, G) features."""
+    def nearest_prototypes(self, feats):
+        """Name of the nearest prototype for each of the (B, G) features."""
         return [self.tasks[i] for i in self.distances(feats).argmin(dim=1).tolist()]
+
+    def route(self, feats):
+        """The task of the nearest prototype for each of the (B, G) features."""
+        return [self.owners[i] for i in self.distances(feats).argmin(dim=1).tolist()]
 
     def route_or_unknown(self, feats) -> list[dict]:
         """Per image: ``task`` (the nearest, or UNKNOWN beyond its threshold), ``nearest``, ``distance``."""
@@ -96,13 +107,13 @@ class PrototypeRouter:
         for d, i in zip(nearest.tolist(), index.tolist()):
             limit = self.thresholds[i] if i < len(self.thresholds) else None
             known = limit is None or d <= limit
-            out.append({"task": self.tasks[i] if known else UNKNOWN, "nearest": self.tasks[i], "distance": d})
+            out.append({"task": self.owners[i] if known else UNKNOWN, "nearest": self.owners[i], "distance": d})
         return out
 
     def state_dict(self):
         return {"config": dict(metric=self.metric, reg=self.reg, shrinkage=self.shrinkage,
                                accept_quantile=self.accept_quantile, folds=self.folds),
-                "tasks": list(self.tasks), "means": [m.clone() for m in self.means],
+                "tasks": list(self.tasks), "owners": list(self.owners), "means": [m.clone() for m in self.means],
                 "precisions": [p.clone() for p in self.precisions], "thresholds": list(self.thresholds)}
 
     def load_state_dict(self, state):
@@ -110,6 +121,7 @@ class PrototypeRouter:
         self.metric, self.reg, self.shrinkage = (config[k] for k in ("metric", "reg", "shrinkage"))
         self.accept_quantile = config.get("accept_quantile", self.accept_quantile)
         self.tasks = list(state["tasks"])
+        self.owners = list(state.get("owners") or self.tasks)
         self.means = [m.clone() for m in state["means"]]
         self.precisions = [p.clone() for p in state["precisions"]]
         self.thresholds = list(state.get("thresholds") or [None] * len(self.tasks))  # older runs: never unknown

@@ -1,8 +1,10 @@
 """Training: ``fit``, the optimisation loop, and the continual protocol (Sec. 3.1, 4.1): tasks arrive
 one at a time, no earlier data is kept, and no task id is given at inference (the router chooses).
 
-After training task i the learner is evaluated on every task j <= i, filling row i of the
-R[i][j] matrices (image AUROC, pixel AUROC, pixel AP). A run directory receives ``config.json``,
+A task is one class or several (``scenarios.py``); it trains once on the union of its classes. After
+training task i the learner is evaluated on every class of every task j <= i; a task's cell of the
+R[i][j] matrices (image AUROC and AP, pixel AUROC and AP, AUPRO) is the mean over its classes, and
+``final_by_class`` keeps the classes' own results. A run directory receives ``config.json``,
 ``metrics.json``, the matrices as CSV, ``routing_confusion.csv`` and ``checkpoints/``. Progress is
 committed after every task (``progress.json``, written last and atomically), so a killed run
 restarted with ``resume=True`` continues after the last finished task and ends with the same results.
@@ -33,16 +35,19 @@ from .features import array_features, extract_features
 from .learners import METHODS, Learner, make_learner
 from .losses import training_loss
 from .metrics import (
+    aupro,
     backward_transfer,
     forgetting,
     image_auroc,
+    image_ap,
     image_auroc_by_type,
     pixel_auroc_ap,
 )
 from .router import UNKNOWN
+from .scenarios import StreamError, task_name, task_stream
 from .scoring import image_score, pixel_maps
 
-METRICS = ("image_auroc", "pixel_auroc", "pixel_ap")
+METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -213,52 +218,60 @@ def hold_out(features: dict, fraction: float, *, seed: int) -> tuple[dict, dict 
     return split(keep), {**split(val), "index": val}
 
 
-def validation_scores(learner: Learner, data: TaskData, config: Config) -> dict | None:
+def validation_scores(learner: Learner, data: TaskData, config: Config, task: str | None = None) -> dict | None:
     """Scores of the task's held-out train/good images with its own parameters (the true task id) --
     the only scores the kit may select settings by: ``patch_nll``, the mean patch NLL per feature
     dimension, and ``synthetic_auroc``, the image AUROC of those images against synthetic defects made
-    from them (``synthetic.py``; None with fewer than two held-out images)."""
+    from them (``synthetic.py``; None with fewer than two held-out images). ``task``: the task the
+    class ``data`` belongs to (default: its own name)."""
     if data.val is None:
         return None
-    nll = learner.patch_nll(data.name, data.val["patch"])
+    task = task or data.name
+    nll = learner.patch_nll(task, data.val["patch"])
     scores = {"patch_nll": float(nll.mean()) / data.val["patch"].shape[1], "synthetic_auroc": None}
     if data.synthetic is not None:
         good = image_score(nll, mode=config.score_mode, k=config.score_k).numpy()
-        bad = image_score(learner.patch_nll(data.name, data.synthetic["patch"]), mode=config.score_mode,
+        bad = image_score(learner.patch_nll(task, data.synthetic["patch"]), mode=config.score_mode,
                           k=config.score_k).numpy()
         scores["synthetic_auroc"] = image_auroc(np.r_[np.zeros(len(good)), np.ones(len(bad))], np.r_[good, bad])
     return scores
 
 
 def evaluate_task(learner: Learner, data: TaskData, config: Config, *, oracle: bool = False,
-                  cache: dict | None = None) -> dict:
-    """Score one task's test set. Task-agnostic: the router picks the adapters for every image;
-    ``oracle=True`` (or ``config.task_agnostic=False``) gives the true task id instead.
+                  cache: dict | None = None, task: str | None = None) -> dict:
+    """Score one class's test set (``task``: the task it belongs to, default its own name).
+    Task-agnostic: the router picks the adapters for every image; ``oracle=True`` (or
+    ``config.task_agnostic=False``) gives the true task id instead.
 
     ``cache`` (only for a learner whose learned tasks never change, ``learner.isolated``) keeps each
     result by task and routing: the same images sent to the same unchanged parameters give the same
     scores, so a later evaluation with the same routing reuses them instead of recomputing."""
+    task = task or data.name
+    nearest = None  # the nearest class prototype of every image, when the router has them
     if learner.uses_router and config.task_agnostic and not oracle:
         routed = learner.route(data.test["pooled"])
+        if config.router_prototypes == "class":
+            nearest = learner.router.nearest_prototypes(data.test["pooled"])
     else:  # the oracle task id, or a one-flow method that has nothing to route
-        routed = [data.name] * len(data.labels)
+        routed = [task] * len(data.labels)
     key = (data.name, tuple(routed))
     if cache is not None and key in cache:
-        return {**cache[key], "unknown": unknown_shares(learner, data)}
+        return {**cache[key], "nearest": nearest, "unknown": unknown_shares(learner, data)}
     nll = torch.empty(data.test["patch"].shape[0], *data.test["patch"].shape[2:])
-    for task in sorted(set(routed)):
-        idx = torch.tensor([i for i, r in enumerate(routed) if r == task])
-        nll[idx] = learner.patch_nll(task, data.test["patch"][idx])
+    for chosen in sorted(set(routed)):
+        idx = torch.tensor([i for i, r in enumerate(routed) if r == chosen])
+        nll[idx] = learner.patch_nll(chosen, data.test["patch"][idx])
     scores = image_score(nll, mode=config.score_mode, k=config.score_k)
-    result = {"image_auroc": image_auroc(data.labels, scores.numpy()), "pixel_auroc": float("nan"),
-              "pixel_ap": float("nan"), "routed": routed,
+    result = {"image_auroc": image_auroc(data.labels, scores.numpy()), "image_ap": image_ap(data.labels, scores.numpy()),
+              "pixel_auroc": float("nan"), "pixel_ap": float("nan"), "aupro": float("nan"), "routed": routed,
               "by_defect": image_auroc_by_type([s.defect_type for s in data.category.test], scores.numpy())}
     if data.masks is not None:
         maps = pixel_maps(nll, config).numpy()
         result["pixel_auroc"], result["pixel_ap"] = pixel_auroc_ap(data.masks, maps)
+        result["aupro"] = aupro(data.masks, maps)
     if cache is not None:
         cache[key] = result
-    return {**result, "unknown": unknown_shares(learner, data)}  # the router's view changes with every new task
+    return {**result, "nearest": nearest, "unknown": unknown_shares(learner, data)}  # changes with every new task
 
 
 def unknown_shares(learner: Learner, data: TaskData) -> dict | None:
@@ -304,17 +317,30 @@ def _nan_to_none(value: float):
 
 
 def _recorded(result: dict) -> dict:
-    return {m: _nan_to_none(result[m]) for m in METRICS}
+    return {m: _nan_to_none(result.get(m)) for m in METRICS}
 
 
-def _matrices(rows: list, tasks: list[str]) -> dict:
+def _matrices(rows: list, tasks: list[str], classes_of: dict) -> dict:
+    """R matrices over tasks from rows of per-class results: a task's cell is the mean over its classes."""
     T = len(tasks)
     matrices = {m: np.full((T, T), np.nan) for m in METRICS}
     for i, row in enumerate(rows):
-        for j, result in (row or {}).items():
+        for j, task in enumerate(tasks):
+            results = [row[c] for c in classes_of[task] if c in (row or {})]
             for m in METRICS:
-                matrices[m][i, tasks.index(j)] = np.nan if result[m] is None else result[m]
+                values = [r[m] for r in results if r.get(m) is not None]
+                if values:
+                    matrices[m][i, j] = np.mean(values)
     return matrices
+
+
+def _by_class(rows: list) -> tuple[dict, dict]:
+    """(final result per class, mean over classes) from the last recorded row."""
+    last = next((row for row in reversed(rows) if row), {})
+    final = {c: {m: result.get(m) for m in METRICS} for c, result in last.items()}
+    mean = {m: (float(np.mean(values)) if values else None) for m in METRICS
+            for values in [[r[m] for r in final.values() if r[m] is not None]]}
+    return final, mean
 
 
 def _scores(matrices: dict, tasks: list[str], continual: bool) -> dict:
@@ -333,19 +359,28 @@ def summarise(progress: dict, meta: dict, learner: Learner) -> dict:
     """metrics.json from the recorded rows (see the module docstring for R). A routed run also gets
     ``oracle``: the same scores with the true task id given (for comparison only)."""
     tasks = meta["tasks"]
+    classes_of = meta.get("task_classes") or {t: [t] for t in tasks}
+    owner = {c: t for t, members in classes_of.items() for c in members}
     T = len(tasks)
-    matrices = _matrices(progress["rows"], tasks)
+    matrices = _matrices(progress["rows"], tasks, classes_of)
     continual = meta["continual"]
     scores = _scores(matrices, tasks, continual)
+    final_by_class, mean_by_class = _by_class(progress["rows"])
     oracle_rows = progress.get("oracle_rows") or []
-    oracle = _scores(_matrices(oracle_rows, tasks), tasks, continual) if any(oracle_rows) else None
+    oracle = None
+    if any(oracle_rows):
+        oracle = {**_scores(_matrices(oracle_rows, tasks, classes_of), tasks, continual),
+                  "mean_by_class": _by_class(oracle_rows)[1]}
     confusion = np.zeros((T, T), dtype=int)
-    routing = None
+    routing = class_routing = None
     if learner.uses_router and meta["config"]["task_agnostic"]:
-        for j, routed in progress["final_routing"].items():
+        for c, routed in progress["final_routing"].items():
             for r in routed:
-                confusion[tasks.index(j), tasks.index(r)] += 1
+                confusion[tasks.index(owner[c]), tasks.index(r)] += 1
         routing = float(np.trace(confusion) / confusion.sum())
+        nearest = progress.get("final_nearest") or {}
+        if nearest and all(v is not None for v in nearest.values()):  # class prototypes: the class-level accuracy
+            class_routing = float(np.mean([n == c for c, names in nearest.items() for n in names]))
     validation = progress.get("validation")
     if validation:
         synthetic = progress.get("synthetic_auroc") or {}
@@ -353,9 +388,11 @@ def summarise(progress: dict, meta: dict, learner: Learner) -> dict:
                       "synthetic_auroc": synthetic or None, "mean_synthetic_auroc": None}
         if synthetic and None not in synthetic.values():
             validation["mean_synthetic_auroc"] = float(np.mean(list(synthetic.values())))
-    elsewhere = ({j: float(np.mean([r != j for r in routed])) for j, routed in progress["final_routing"].items()}
+    elsewhere = ({c: float(np.mean([r != owner[c] for r in routed])) for c, routed in progress["final_routing"].items()}
                  if routing is not None else None)
-    return {"method": meta["method"], "tasks": tasks, **scores, "oracle": oracle, "routing_accuracy": routing,
+    return {"method": meta["method"], "tasks": tasks, "task_classes": classes_of, **scores,
+            "final_by_class": final_by_class, "mean_by_class": mean_by_class, "oracle": oracle,
+            "routing_accuracy": routing, "class_routing_accuracy": class_routing,
             "routed_elsewhere": elsewhere, "unknown": progress.get("final_unknown") if routing is not None else None,
             "validation": validation, "final_by_defect": progress.get("final_by_defect"),
             "params": learner.params(), "seconds": progress["seconds"], "history": progress["history"],
@@ -466,7 +503,7 @@ def _resume_state(out: Path, meta: dict, config: Config, method: str) -> tuple[d
                        + (f" ({', '.join(changed)} differ)" if changed else "") + hint
                        + "; resume it with the same arguments or choose another --out")
     saved_prints = saved.get("data_fingerprint") or {}
-    moved = [t for t in meta["tasks"] if t in saved_prints and saved_prints[t] != meta["data_fingerprint"][t]]
+    moved = [c for c, now in meta["data_fingerprint"].items() if c in saved_prints and saved_prints[c] != now]
     if moved:
         raise RunError(f"{out} was trained on {saved.get('data')}; the files of task(s) {', '.join(moved)} in "
                        f"{meta['data']} differ from them. Resume with the same data, or choose another --out")
@@ -480,6 +517,17 @@ def _resume_state(out: Path, meta: dict, config: Config, method: str) -> tuple[d
         return _new_progress(len(meta["tasks"])), meta
     progress["diverged"] = None
     return progress, meta
+
+
+def joined_features(parts) -> dict:
+    """The training features of several classes (TaskData) as one task's: patches and pooled features
+    concatenated, and ``by_class`` {class: pooled} for per-class router prototypes."""
+    parts = list(parts)
+    if len(parts) == 1:
+        return {**parts[0].train, "by_class": {parts[0].name: parts[0].train["pooled"]}}
+    return {"patch": torch.cat([d.train["patch"] for d in parts]),
+            "pooled": torch.cat([d.train["pooled"] for d in parts]),
+            "by_class": {d.name: d.train["pooled"] for d in parts}}
 
 
 def _new_progress(n_tasks: int) -> dict:
@@ -499,22 +547,22 @@ def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: 
         raise RunError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     validate(config)
     data_root, out = Path(data_root), Path(out)
-    available = list_categories(data_root)
-    tasks = [t.strip() for t in tasks] if tasks else available
-    unknown = [t for t in tasks if t not in available]
-    if unknown:
-        raise RunError(f"unknown task(s) {', '.join(map(repr, unknown))} in {data_root}; available: "
-                       f"{', '.join(available)}")
-    if len(set(tasks)) != len(tasks):
-        raise RunError(f"a task appears twice in --tasks {','.join(tasks)}")
+    try:
+        stream = task_stream(list_categories(data_root), tasks, scenario=config.scenario, order=config.order)
+    except StreamError as err:
+        raise RunError(f"{data_root}: {err}") from None
+    tasks = [task_name(group) for group in stream]
+    classes_of = dict(zip(tasks, stream))
+    classes = [c for group in stream for c in group]
     check_out(out, resume)
-    summaries = validate_tree(data_root, tasks)  # the verdict `info` gives
+    summaries = validate_tree(data_root, classes)  # the verdict `info` gives
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = resolve_device(config.device)
     extractor = build_extractor(config)
     meta = run_metadata(config, extractor, method, tasks, data_root, seed)
-    meta["data_fingerprint"] = data_fingerprint(data_root, tasks)
+    meta["task_classes"] = classes_of
+    meta["data_fingerprint"] = data_fingerprint(data_root, classes)
     meta["notes"] = pixel_metric_notes(summaries)
     progress = _new_progress(len(tasks))
     if resume and is_run_dir(out):
@@ -525,10 +573,10 @@ def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: 
         tqdm.write(f"note: {note}", file=sys.stderr)
 
     start = time.perf_counter()
-    data = [load_task(data_root, t, extractor, config, device, seed=seed)
-            for t in tqdm(tasks, desc="features", disable=not progress_bar)]
+    data = {c: load_task(data_root, c, extractor, config, device, seed=seed)
+            for c in tqdm(classes, desc="features", disable=not progress_bar)}
     progress["seconds"]["features"] = time.perf_counter() - start
-    dim = data[0].train["patch"].shape[1]
+    dim = data[classes[0]].train["patch"].shape[1]
     torch.manual_seed(seed)  # the initial weights depend on --seed only, not on what ran before in this process
     learner = make_learner(method, config, dim, device)
     if progress["resume_file"]:
@@ -547,11 +595,10 @@ def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: 
         start = time.perf_counter()
         try:
             if method == "joint":
-                joined = {"patch": torch.cat([d.train["patch"] for d in data]),
-                          "pooled": torch.cat([d.train["pooled"] for d in data])}
-                log = learn(learner, "all_tasks", joined, seed=seed * 1000 + step)
+                log = learn(learner, "all_tasks", joined_features(data.values()), seed=seed * 1000 + step)
             else:
-                log = learn(learner, task, data[step].train, seed=seed * 1000 + step)
+                log = learn(learner, task, joined_features([data[c] for c in classes_of[task]]),
+                            seed=seed * 1000 + step)
         except TrainingDiverged as err:
             progress["diverged"] = {"task": task, "epoch": err.epoch + 1, "lr": err.lr}
             files.write_json(out / "progress.json", progress)  # the tasks before it stay committed
@@ -562,23 +609,25 @@ def run(*, data_root: str | Path, tasks: list[str] | None, method: str, config: 
         progress["seconds"]["train"][task] = time.perf_counter() - start
         if config.val_fraction:  # right after learning, with the task's own parameters
             for j in (range(len(tasks)) if method == "joint" else [step]):
-                scores = validation_scores(learner, data[j], config)
-                progress.setdefault("validation", {})[tasks[j]] = scores["patch_nll"]
-                progress.setdefault("synthetic_auroc", {})[tasks[j]] = scores["synthetic_auroc"]
+                for c in classes_of[tasks[j]]:
+                    scores = validation_scores(learner, data[c], config, task=tasks[j])
+                    progress.setdefault("validation", {})[c] = scores["patch_nll"]
+                    progress.setdefault("synthetic_auroc", {})[c] = scores["synthetic_auroc"]
         progress["history"][task] = log
 
         start = time.perf_counter()
         row, oracle_row = {}, {}
-        for j in range(step + 1):
-            result = evaluate_task(learner, data[j], config, cache=eval_cache)
-            row[tasks[j]] = _recorded(result)
-            progress["final_routing"][tasks[j]] = result["routed"]
-            progress.setdefault("final_unknown", {})[tasks[j]] = result["unknown"]
-            progress.setdefault("final_by_defect", {})[tasks[j]] = result["by_defect"]
+        for j, c in [(j, c) for j in range(step + 1) for c in classes_of[tasks[j]]]:
+            result = evaluate_task(learner, data[c], config, cache=eval_cache, task=tasks[j])
+            row[c] = _recorded(result)
+            progress["final_routing"][c] = result["routed"]
+            progress.setdefault("final_nearest", {})[c] = result["nearest"]
+            progress.setdefault("final_unknown", {})[c] = result["unknown"]
+            progress.setdefault("final_by_defect", {})[c] = result["by_defect"]
             if routed_run:  # the same model given the true task id; identical inputs when routing was right
                 if any(r != tasks[j] for r in result["routed"]):
-                    result = evaluate_task(learner, data[j], config, oracle=True, cache=eval_cache)
-                oracle_row[tasks[j]] = _recorded(result)
+                    result = evaluate_task(learner, data[c], config, oracle=True, cache=eval_cache, task=tasks[j])
+                oracle_row[c] = _recorded(result)
         progress["rows"][step] = row
         progress["oracle_rows"][step] = oracle_row if routed_run else None
         progress["seconds"]["eval"] += time.perf_counter() - start

@@ -117,6 +117,11 @@ def smoke_args(smoke_cache) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- runs through the CLI
+# the keys of a run's metrics.json
+REQUIRED_KEYS = {"method", "tasks", "final", "mean", "forgetting", "bwt", "routing_accuracy", "params", "seconds"}
+DOCUMENTED_EXTRA_KEYS = {"oracle", "validation", "final_by_defect", "history", "breaks_no_replay", "continual", "backbone",
+                         "weight_source", "mean_over", "routed_elsewhere", "unknown", "task_classes", "final_by_class",
+                         "mean_by_class", "class_routing_accuracy"}
 ALL_TASKS = ["checker", "gradient", "noise"]  # "noise" is the category without masks
 TWO_TASKS = ["gradient", "noise"]
 

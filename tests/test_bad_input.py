@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ALL_TASKS, build_tiny_tree, error_line, run_argv
 from PIL import Image
 
 from decoflow_core import train
 from decoflow_core.cli import main, resume_command
 from decoflow_core.files import read_json
-
-from conftest import ALL_TASKS, build_tiny_tree, error_line, run_argv
 
 
 @pytest.fixture

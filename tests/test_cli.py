@@ -10,17 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ALL_TASKS, TWO_TASKS, error_line, read_json, run_argv
 from PIL import Image
 
 from decoflow_core.cli import main, parse_sets
 from decoflow_core.config import ConfigError, make_config
 
-from conftest import ALL_TASKS, TWO_TASKS, error_line, read_json, run_argv
-
 REPO = Path(__file__).resolve().parents[1]
-REQUIRED_KEYS = {"method", "tasks", "final", "mean", "forgetting", "bwt", "routing_accuracy", "params", "seconds"}
-DOCUMENTED_EXTRA_KEYS = {"oracle", "validation", "final_by_defect", "history", "breaks_no_replay", "continual", "backbone",
-                         "weight_source", "mean_over", "routed_elsewhere", "unknown"}
 
 
 # ----------------------------------------------------------------------------- bad arguments

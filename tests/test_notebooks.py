@@ -27,7 +27,8 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 REQUIRED_PARAMETERS = {"DATA", "TASKS", "PROFILE", "SEEDS", "QUICK", "RUN_ROOT"}
 EXPECTED = ["00_data_and_protocol", "01_feature_extraction", "02_sequential_training", "03_forgetting_heatmaps",
             "04_svd_delta_w", "05_tal_gradients", "06_routing_confusion", "07_component_ablation",
-            "08_depth_and_first_task", "09_why_nf_and_placement", "10_acl_analysis", "11_computational_cost"]
+            "08_depth_and_first_task", "09_why_nf_and_placement", "10_acl_analysis", "11_computational_cost",
+            "12_scenarios_and_orders"]
 
 
 def test_every_planned_notebook_is_committed():
@@ -275,6 +276,26 @@ def test_11_computational_cost(executed):
     assert v["replay/params per task"] == 0 and v["replay/router KiB per task"] == 0
     d, i = v["decoflow/size_curve_mib"], v["independent/size_curve_mib"]
     assert d[-1] - d[0] < i[-1] - i[0], "DeCoFlow must grow slower per task than a flow per task"
+
+
+def test_12_scenarios_and_orders(executed):
+    v = values(executed, "12_scenarios_and_orders")
+    for scenario in ("1-1", "2-1"):  # QUICK: three classes
+        assert v[f"decoflow/{scenario}/oracle_FM"] == 0.0  # zero forgetting with the task id, tasks of 2 classes too
+        assert is_fraction(v[f"decoflow/{scenario}/routing"]) and is_fraction(v[f"finetune/{scenario}/I-AUROC"])
+        assert v[f"finetune/{scenario}/FM"] is not None
+    assert v["loses/1-1/routing_part"] == pytest.approx(0.0, abs=1e-12)
+    assert v["loses/1-1/capacity_part"] == pytest.approx(0.0, abs=1e-12)
+    # the two parts add up to the drop from 1-1
+    drop = v["decoflow/1-1/I-AUROC"] - v["decoflow/2-1/I-AUROC"]
+    assert v["loses/2-1/routing_part"] + v["loses/2-1/capacity_part"] == pytest.approx(drop, abs=1e-9)
+    assert v["router_prototypes/choice"] in ("task", "class")
+    assert is_fraction(v["order/random:3/I-AUROC"])
+    assert v["order/random:3/FM"] == 0.0 or v["order/random:3/routing"] < 1.0  # right routing: no forgetting
+    assert v["order/random:3/stream"] == ["circuit_board", "carpet", "brick_wall"]  # random:3 of the QUICK classes
+    quick = executed["_run_root"] / "quick"
+    assert (quick / "figures" / "12_scenario_heatmaps.png").exists()
+    assert (quick / "results" / "12_where_it_loses.csv").exists()
 
 
 def test_report_notebook_times(executed, capsys):

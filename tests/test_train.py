@@ -16,7 +16,9 @@ import pytest
 import torch
 from conftest import (
     ALL_TASKS,
+    DOCUMENTED_EXTRA_KEYS,
     N_TRAIN,
+    REQUIRED_KEYS,
     TINY_CATEGORIES,
     TINY_TEST_COUNT,
     TWO_TASKS,
@@ -34,9 +36,6 @@ from decoflow_core.learners.decoflow import DeCoFlowLearner
 from decoflow_core.train import METRICS
 
 REPO = Path(__file__).resolve().parents[1]
-REQUIRED_KEYS = {"method", "tasks", "final", "mean", "forgetting", "bwt", "routing_accuracy", "params", "seconds"}
-DOCUMENTED_EXTRA_KEYS = {"oracle", "validation", "final_by_defect", "history", "breaks_no_replay", "continual", "backbone",
-                         "weight_source", "mean_over", "routed_elsewhere", "unknown"}
 
 
 # ----------------------------------------------------------------------------- the run directory

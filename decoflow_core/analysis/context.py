@@ -121,7 +121,9 @@ class Context:
         job = self._job(method, seed, stream=stream, data=data, **changes)
         out = ensure_run(self.run_root, **job)
         expected = job["tasks"] or self.available
-        if load_metrics(out)["tasks"] != expected:
+        metrics = load_metrics(out)
+        classes = [c for t in metrics["tasks"] for c in (metrics.get("task_classes") or {}).get(t, [t])]
+        if sorted(classes) != sorted(expected):
             raise RuntimeError(f"{out} holds a run on other tasks than {expected}; delete it or use another RUN_ROOT")
         return out
 

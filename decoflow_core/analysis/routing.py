@@ -62,3 +62,26 @@ def unknown_category_rates(train: dict, test: dict, *, held_out: float = 0.1, se
         rows.append({"task": task, "unknown when never learned": float(never_learned),
                      "false rejection (held-out good)": float(rejected)})
     return pd.DataFrame(rows)
+
+
+def grouped_routing_accuracy(train: dict, test: dict, groups: list[list[str]], prototypes: str,
+                             **router_options) -> dict:
+    """Routing accuracy of a stream whose tasks are ``groups`` of classes: ``train`` and ``test`` are
+    {class: (N, G) pooled features}. ``prototypes="task"``: one prototype per task from all its classes'
+    images; ``"class"``: one per class, mapped to its task. Returns {"task": share of images routed to
+    their own task, "class": share sent to their own class's prototype (None for task prototypes)}."""
+    router = PrototypeRouter(**router_options)
+    for group in groups:
+        name = "+".join(group)
+        if prototypes == "class":
+            for c in group:
+                router.add_task(c, train[c], task=name)
+        else:
+            router.add_task(name, torch.cat([torch.as_tensor(train[c]) for c in group]))
+    owner = {c: "+".join(g) for g in groups for c in g}
+    task_hits, class_hits = [], []
+    for c, feats in test.items():
+        task_hits += [r == owner[c] for r in router.route(feats)]
+        if prototypes == "class":
+            class_hits += [n == c for n in router.nearest_prototypes(feats)]
+    return {"task": float(np.mean(task_hits)), "class": float(np.mean(class_hits)) if class_hits else None}

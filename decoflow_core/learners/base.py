@@ -59,8 +59,15 @@ class Learner:
         raise NotImplementedError
 
     def finish_task(self, task: str, features: dict, *, seed: int) -> None:
-        """After training: by default the router learns the task's prototype."""
-        if self.router is not None:
+        """After training: by default the router learns the task's prototype -- or, with
+        ``router_prototypes=class``, one per class (``features["by_class"]``: {class: pooled})."""
+        if self.router is None:
+            return
+        by_class = features.get("by_class") or {task: features["pooled"]}
+        if self.config.router_prototypes == "class":
+            for name, pooled in by_class.items():
+                self.router.add_task(name, pooled, task=task)
+        else:
             self.router.add_task(task, features["pooled"])
 
     def model_for(self, task: str) -> DeCoFlow:

@@ -14,9 +14,6 @@ from decoflow_core.cli import main
 from decoflow_core.config import make_config
 
 REPO = Path(__file__).resolve().parents[1]
-REQUIRED_KEYS = {"method", "tasks", "final", "mean", "forgetting", "bwt", "routing_accuracy", "params", "seconds"}
-DOCUMENTED_EXTRA_KEYS = {"oracle", "validation", "final_by_defect", "history", "breaks_no_replay", "continual", "backbone",
-                         "weight_source", "mean_over", "routed_elsewhere", "unknown"}
 
 
 def test_select_cli_chooses_the_lowest_validation_nll_and_writes_its_table(tiny_tree, smoke_args, tmp_path, capsys):

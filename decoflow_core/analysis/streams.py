@@ -1,0 +1,50 @@
+"""Scenarios and task orders (notebook 12): headline rows of runs whose tasks hold several classes,
+and where DeCoFlow loses ground against one class per task."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+# The authors' own image AUROC on MVTec-AD per scenario (their result table; a different data set
+# from the embedded benchmark, quoted for the trend only)
+AUTHORS_MVTEC = {"1-1": 0.981, "3-3": 0.838, "5-5": 0.802, "14-1": 0.669}
+KEYS = {"I-AUROC": "image_auroc", "I-AP": "image_ap", "P-AUROC": "pixel_auroc", "P-AP": "pixel_ap",
+        "AUPRO": "aupro"}
+
+
+def usable_scenarios(scenarios: list[str], n_classes: int) -> list[str]:
+    """The scenarios that leave at least two tasks on ``n_classes`` classes (B < n_classes)."""
+    return [s for s in scenarios if int(s.split("-")[0]) < n_classes]
+
+
+def scenario_row(metrics: dict) -> dict:
+    """One run: detection metrics as the mean over classes, forgetting over tasks, routing at both
+    levels, and the same model's numbers with the true task id (routed runs only)."""
+    by_class = metrics.get("mean_by_class") or metrics["mean"]
+    oracle = metrics.get("oracle") or {}
+    return {"tasks": len(metrics["tasks"]), **{label: by_class.get(key) for label, key in KEYS.items()},
+            "FM (I-AUROC)": metrics["forgetting"]["image_auroc"], "BWT (I-AUROC)": metrics["bwt"]["image_auroc"],
+            "routing (task)": metrics["routing_accuracy"], "routing (class)": metrics.get("class_routing_accuracy"),
+            "oracle I-AUROC": (oracle.get("mean_by_class") or {}).get("image_auroc"),
+            "oracle FM": (oracle.get("forgetting") or {}).get("image_auroc"),
+            "train s": sum(metrics["seconds"]["train"].values())}
+
+
+def where_it_loses(rows: pd.DataFrame, method: str = "decoflow", base: str = "1-1") -> pd.DataFrame:
+    """Per scenario, the drop of ``method``'s image AUROC from ``base`` split in two: *routing* (the
+    oracle task id minus the routed score: what wrong routing costs) and *capacity* (base minus the
+    scenario's oracle score: what one set of task parameters for several classes costs)."""
+    own = rows[rows["method"] == method].set_index("scenario")
+    if base not in own.index:
+        raise ValueError(f"no {method} run under {base} to compare with")
+    ref = own.loc[base, "oracle I-AUROC"]
+    if ref is None or np.isnan(ref):
+        ref = own.loc[base, "I-AUROC"]
+    out = []
+    for scenario, row in own.iterrows():
+        oracle = row["oracle I-AUROC"] if row["oracle I-AUROC"] is not None and not np.isnan(row["oracle I-AUROC"]) \
+            else row["I-AUROC"]
+        out.append({"scenario": scenario, "I-AUROC": row["I-AUROC"], "drop from " + base: own.loc[base, "I-AUROC"]
+                    - row["I-AUROC"], "routing part": oracle - row["I-AUROC"], "capacity part": ref - oracle,
+                    "routing (task)": row["routing (task)"], "authors, MVTec-AD": AUTHORS_MVTEC.get(scenario)})
+    return pd.DataFrame(out)
