@@ -311,3 +311,20 @@ def _crash_on(task, evaluate):
             raise _Crash
         return evaluate(learner, data, config, **kwargs)
     return crashing
+
+
+def test_a_bad_stream_fails_before_training_with_one_line(tiny_tree, smoke_args, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(run_argv(tiny_tree, out, smoke_args, tasks=["checker+gradient", "noise"],
+                         extra=["--order", "alphabetical"])) == 2
+    assert "drop --scenario and --order" in error_line(capsys)
+    assert not out.exists()
+    assert main(run_argv(tiny_tree, out, smoke_args, extra=["--order", "hard-first"])) == 2  # an MVTec preset
+    assert "hard-first is defined for" in error_line(capsys)
+    assert main(run_argv(tiny_tree, out, smoke_args, extra=["--scenario", "2-2", "--set", "scenario=1-1"])) == 2
+    assert "disagree" in error_line(capsys)
+    assert main(run_argv(tiny_tree, out, smoke_args, extra=["--scenario", "3"])) == 2
+    assert "--scenario 3: expected B-I" in error_line(capsys)
+    assert main(run_argv(tiny_tree, out, smoke_args, tasks=["checker+gradient", "checker"])) == 2
+    assert "checker appear(s) twice" in error_line(capsys)
+    assert not out.exists()

@@ -290,6 +290,9 @@ def test_12_scenarios_and_orders(executed):
     drop = v["decoflow/1-1/I-AUROC"] - v["decoflow/2-1/I-AUROC"]
     assert v["loses/2-1/routing_part"] + v["loses/2-1/capacity_part"] == pytest.approx(drop, abs=1e-9)
     assert v["router_prototypes/choice"] in ("task", "class")
+    assert is_fraction(v["class_prototypes/2-1/routing (class)"]) and is_fraction(v["class_prototypes/2-1/routing (task)"])
+    assert v["class_prototypes/2-1/routing (task)"] >= v["class_prototypes/2-1/routing (class)"]  # right class: right task
+    assert v["class_prototypes/2-1/oracle FM"] == 0.0
     assert is_fraction(v["order/random:3/I-AUROC"])
     assert v["order/random:3/FM"] == 0.0 or v["order/random:3/routing"] < 1.0  # right routing: no forgetting
     assert v["order/random:3/stream"] == ["circuit_board", "carpet", "brick_wall"]  # random:3 of the QUICK classes

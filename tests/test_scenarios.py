@@ -154,18 +154,6 @@ def test_order_random_changes_the_stream_and_config_json_says_so(tiny_tree, smok
     assert expected != ["checker", "gradient", "noise"]
 
 
-def test_a_bad_stream_fails_before_training_with_one_line(tiny_tree, smoke_args, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(run_argv(tiny_tree, out, smoke_args, tasks=["checker+gradient", "noise"],
-                         extra=["--order", "alphabetical"])) == 2
-    assert "drop --scenario and --order" in error_line(capsys)
-    assert not out.exists()
-    assert main(run_argv(tiny_tree, out, smoke_args, extra=["--order", "hard-first"])) == 2
-    assert "hard-first is defined for" in error_line(capsys)
-    assert main(run_argv(tiny_tree, out, smoke_args, extra=["--scenario", "2-2", "--set", "scenario=1-1"])) == 2
-    assert "disagree" in error_line(capsys)
-
-
 @pytest.mark.parametrize("method", ["finetune", "ewc", "replay", "joint", "independent", "padim", "ae_lora"])
 def test_every_method_runs_a_scenario_of_several_classes_per_task(method, run_method):
     out = run_method(method, tasks=["checker", "gradient", "noise"], extra=("--scenario", "2-1"))
