@@ -320,7 +320,7 @@ def _recorded(result: dict) -> dict:
     return {m: _nan_to_none(result.get(m)) for m in METRICS}
 
 
-def _matrices(rows: list, tasks: list[str], classes_of: dict) -> dict:
+def matrices_from_rows(rows: list, tasks: list[str], classes_of: dict) -> dict:
     """R matrices over tasks from rows of per-class results: a task's cell is the mean over its classes."""
     T = len(tasks)
     matrices = {m: np.full((T, T), np.nan) for m in METRICS}
@@ -362,14 +362,14 @@ def summarise(progress: dict, meta: dict, learner: Learner) -> dict:
     classes_of = meta.get("task_classes") or {t: [t] for t in tasks}
     owner = {c: t for t, members in classes_of.items() for c in members}
     T = len(tasks)
-    matrices = _matrices(progress["rows"], tasks, classes_of)
+    matrices = matrices_from_rows(progress["rows"], tasks, classes_of)
     continual = meta["continual"]
     scores = _scores(matrices, tasks, continual)
     final_by_class, mean_by_class = _by_class(progress["rows"])
     oracle_rows = progress.get("oracle_rows") or []
     oracle = None
     if any(oracle_rows):
-        oracle = {**_scores(_matrices(oracle_rows, tasks, classes_of), tasks, continual),
+        oracle = {**_scores(matrices_from_rows(oracle_rows, tasks, classes_of), tasks, continual),
                   "mean_by_class": _by_class(oracle_rows)[1]}
     confusion = np.zeros((T, T), dtype=int)
     routing = class_routing = None

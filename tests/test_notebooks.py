@@ -182,6 +182,8 @@ def test_03_forgetting_heatmaps(executed):
     assert len(v["finetune/first_task_curve"]) == 3 and v["finetune/fm_image_auroc"] is not None
     # the two summaries of 02 and 03 come from the same runs
     assert v["finetune/fm_image_auroc"] == values(executed, "02_sequential_training")["finetune/fm"]
+    assert v["decoflow/oracle_drop_max"] == 0.0  # with the true task id no old task moves
+    assert is_fraction(v["decoflow/routed_elsewhere_max"])
 
 
 def test_04_svd_delta_w(executed):

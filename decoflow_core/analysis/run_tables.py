@@ -1,10 +1,14 @@
 """Tables of finished runs for the main results, forgetting and first-task analyses (Sec. 4.2-4.3)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
+from .. import files
 from ..report import load_metrics
+from ..train import matrices_from_rows
 
 PAPER_MVTEC = {"I-AUROC": 98.05, "P-AUROC": 97.81, "P-AP": 55.80, "FM (I-AUROC)": 0.0, "routing": 100.0}
 
@@ -36,6 +40,15 @@ def seed_table(rows: pd.DataFrame, by: str = "method") -> pd.DataFrame:
 
 
 ORACLE = " (oracle task id)"
+
+
+def oracle_matrix(run_dir, metric: str = "image_auroc") -> np.ndarray:
+    """R of a routed run as it is with the true task id given (its progress.json's oracle rows)."""
+    run_dir = Path(run_dir)
+    progress, meta = files.read_json(run_dir / "progress.json"), files.read_json(run_dir / "config.json")
+    tasks = meta["tasks"]
+    classes_of = meta.get("task_classes") or {t: [t] for t in tasks}
+    return matrices_from_rows(progress.get("oracle_rows") or [], tasks, classes_of)[metric]
 
 
 def oracle_view(metrics: dict) -> dict:
