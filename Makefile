@@ -9,6 +9,8 @@ PROFILE ?= cpu
 SEEDS   ?= 0
 QUICK   ?= 0
 SETS    ?=
+EXECUTOR ?= local
+RAY_ADDRESS ?=
 # an MVTec-layout tree holding `bottle` and `magnetic_tile` (not shipped): make real-ad REAL_AD=/path
 REAL_AD ?=
 TASK_LRS = task_lr=1e-3,3e-3,1e-2,3e-2
@@ -32,9 +34,11 @@ embedded: $(STAMP)
 	$(PY) -m decoflow_core prepare embedded --out data/embedded
 
 # PROFILE=official QUICK=1 SETS=backbone=efficientnet_lite0: the official model, offline, in minutes
+# EXECUTOR=ray [RAY_ADDRESS=host:6379]: missing runs as Ray tasks (docs/cluster.md)
 reproduce: $(STAMP)
 	$(PY) -m decoflow_core.analysis.pipeline --data $(DATA) --profile $(PROFILE) --seeds $(SEEDS) --quick $(QUICK) \
-	  $(foreach pair,$(SETS),--set $(pair)) $(if $(REAL_AD),--real-data $(REAL_AD))
+	  $(foreach pair,$(SETS),--set $(pair)) $(if $(REAL_AD),--real-data $(REAL_AD)) \
+	  --executor $(EXECUTOR) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
 
 # The cpu profile's choices (docs/selection.md), on held-out train/good (10%), one after the other:
 # standardize and pe_scale by the AUROC against synthetic defects, task_lr and epochs by validation NLL

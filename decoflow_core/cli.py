@@ -1,4 +1,4 @@
-"""Command line: ``python -m decoflow_core {prepare,info,run,score,report,select,params,bench}``.
+"""Command line: ``python -m decoflow_core {prepare,info,run,score,report,select,sweep,params,bench}``.
 
 Bad arguments and bad data end with a one-line ``error: ...`` on stderr and exit code 2.
 """
@@ -7,16 +7,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .analysis.runs import CRITERIA, save_selection, select
+from . import files
+from .analysis.executors import EXECUTORS, RunsFailed, make_executor
+from .analysis.runs import CRITERIA, ensure_runs, run_dir, save_selection, select, sweep_jobs
 from .backbone import BackboneError
 from .bench import benchmark, parameter_counts
 from .config import ConfigError, make_config
 from .data import DataError, format_info_table, validate_tree
 from .datasets import EMBEDDED_DIR, build_embedded, resolve_data
 from .datasets.converters import CONVERTERS, MVTEC_AD2_NOTE, REALIAD_RESOLUTIONS
+from .learners import METHODS
 from .report import format_report, report_is_complete, score_images, score_lines
 from .train import RunError, run
 
@@ -29,6 +33,18 @@ def parse_sets(pairs: list[str]) -> dict[str, str]:
         key, value = pair.split("=", 1)
         out[key.strip()] = value.strip()
     return out
+
+
+def parse_grid(pairs: list[str] | None) -> dict[str, list[str]]:
+    """``["a=1,2", "b=x"]`` -> {"a": ["1", "2"], "b": ["x"]}."""
+    return {key: [v for v in values.split(",") if v] for key, values in parse_sets(pairs).items()}
+
+
+def parse_list(spec: str, what: str) -> list[str]:
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"{what} expects a comma-separated list, got {spec!r}")
+    return names
 
 
 def parse_candidates(specs: list[str] | None) -> dict[str, dict[str, str]]:
@@ -117,7 +133,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_select(args) -> int:
-    grid = {key: [v for v in values.split(",") if v] for key, values in parse_sets(args.grid).items()}
+    grid = parse_grid(args.grid)
     candidates = parse_candidates(args.candidate)
     if bool(grid) == bool(candidates) or (grid and not all(grid.values())):
         raise ValueError("select needs at least one --grid key=v1,v2,... or --candidate NAME:key=v,... (not both)")
@@ -126,12 +142,50 @@ def cmd_select(args) -> int:
         make_config(args.profile, {**sets, **candidate})  # bad keys fail before training
     best, rows = select(args.out, args.method, grid or None, candidates=candidates or None, data=args.data,
                         tasks=parse_tasks(args.tasks), profile=args.profile, seed=args.seed, sets=sets,
-                        val_fraction=args.val_fraction, workers=args.workers, criterion=args.criterion)
+                        val_fraction=args.val_fraction, workers=args.workers, criterion=args.criterion,
+                        executor=make_executor(args.executor, workers=args.workers, ray_address=args.ray_address))
     target, table = save_selection(args.out, args.data, args.method, list(grid or candidates), rows)
     print(table)
     print(f"table written to {target}")
     chosen = ", ".join(f"{k}={best[k]}" for k in grid) if grid else best["candidate"]
     print(f"chosen by {CRITERIA[args.criterion][3]}: {chosen}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    methods = parse_list(args.methods, "--methods")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods names {', '.join(unknown)}; choose among {', '.join(METHODS)}")
+    try:
+        seeds = [int(seed) for seed in parse_list(args.seeds, "--seeds")]
+    except ValueError:
+        raise ValueError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
+    grid, sets = parse_grid(args.grid), stream_sets(args)
+    if not all(grid.values()) or set(grid) & set(sets):
+        raise ValueError("--grid expects KEY=V1,V2,... for keys that no --set (or --scenario, --order) gives")
+    jobs = sweep_jobs(methods, seeds, grid, data=args.data, tasks=parse_tasks(args.tasks), profile=args.profile,
+                      sets=sets)
+    executor = make_executor(args.executor, workers=args.workers, ray_address=args.ray_address)
+    dirs = list(dict.fromkeys(run_dir(args.out, **job) for job in jobs))
+    missing = [d for d in dirs if not (d / "metrics.json").exists()]
+    print(f"{len(dirs)} runs, {len(missing)} to train ({args.executor} executor)", flush=True)
+    failures = {}
+    try:
+        ensure_runs(args.out, jobs, args.workers, executor=executor, progress_bar=True)
+    except RunsFailed as err:
+        failures = err.failures
+    finished = [d for d in dirs if (d / "metrics.json").exists()]
+    table = format_report(dirs) if finished else "no run has finished"
+    target = files.write_text(Path(args.out) / "sweep.md", table + "\n")
+    print(table)
+    print(f"table written to {target}")
+    if failures:
+        print(f"error: {len(failures)} of {len(dirs)} runs failed: "
+              + "; ".join(f"{Path(d).name}: {e}" for d, e in failures.items()), file=sys.stderr)
+        print("the same command again trains the failed and unfinished runs; the finished ones are kept",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -210,7 +264,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nll: lowest validation NLL (same flow input); synthetic: highest AUROC of held-out "
                         "images against synthetic defects (settings that change the flow input)")
     p.add_argument("--out", required=True, help="folder for the candidate runs and OUT/<data>/selection-<method>-<keys>.csv")
+    add_executor_arguments(p)
     p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("sweep", help="train the missing runs of methods x seeds x a grid, and tabulate them all")
+    p.add_argument("--data", default="embedded", help="MVTec-layout root, or 'embedded' (default)")
+    p.add_argument("--tasks", help="comma-separated classes (default: every category, alphabetically)")
+    p.add_argument("--methods", default="decoflow", help="comma-separated methods, e.g. decoflow,finetune")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...", help="values of a config field to sweep")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field for every run")
+    p.add_argument("--scenario", help="B-I: B classes in the first task, I in each later one (default 1-1)")
+    p.add_argument("--order", help="task order, as for run")
+    p.add_argument("--profile", default="cpu", help="cpu (default), paper, official or smoke")
+    p.add_argument("--workers", type=int, default=2, help="local executor: runs trained in parallel, one thread each")
+    p.add_argument("--out", required=True, help="run root: runs in OUT/<data>/<run name>, the table in OUT/sweep.md")
+    add_executor_arguments(p)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("params", help="base and per-task parameter counts of a profile's flow, as JSON")
     p.add_argument("--profile", default="cpu")
@@ -227,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-only", action="store_true", help="skip training a whole task (GPU-sized profiles)")
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=EXECUTORS, default="local",
+                        help="where missing runs train: local processes (default) or Ray tasks (docs/cluster.md)")
+    parser.add_argument("--ray-address", help="the Ray cluster: host:port, ray://host:port or auto (default: "
+                                              "RAY_ADDRESS, else a local instance started here)")
 
 
 def _close_progress_bars() -> None:
@@ -252,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         _close_progress_bars()
-        again = f"; continue with: {resume_command(argv)}" if args.command == "run" else ""
-        print(f"interrupted: the tasks finished so far are saved{again}", file=sys.stderr)
+        again = {"run": resume_command(argv), "sweep": " ".join(["python -m decoflow_core", *argv])}.get(args.command)
+        print(f"interrupted: the tasks finished so far are saved{f'; continue with: {again}' if again else ''}",
+              file=sys.stderr)
         return 130
 
 

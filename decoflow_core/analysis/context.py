@@ -1,9 +1,15 @@
 """A notebook's view of the kit: its task stream, the shared runs (trained once by ``runs.ensure_run``
 and reused by every later notebook), where figures and tables go, and the JSON record of the numbers
-the notebook asserts on."""
+the notebook asserts on.
+
+Where ``prefetch`` trains missing runs comes from the environment, which ``make reproduce`` sets
+(``pipeline``): ``DECOFLOW_EXECUTOR`` (``local``, the default: WORKERS processes here; or ``ray``) and
+``DECOFLOW_RAY_ADDRESS`` (the Ray cluster to join; unset: ``RAY_ADDRESS``, else a local instance).
+"""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +20,10 @@ from .. import files
 from ..config import Config, make_config
 from ..data import list_categories
 from ..datasets import resolve_data
-from ..train import build_extractor, load_task, resolve_device
+from ..train import RunError, build_extractor, load_task, resolve_device
+from .executors import EXECUTORS, make_executor
 from .plots import save_figure
-from .runs import ensure_run, ensure_runs, load_metrics
+from .runs import ensure_run, ensure_runs, load_metrics, profile_sets
 
 try:  # in a notebook a figure is shown as an image; elsewhere its path is returned
     from IPython.display import Image
@@ -52,12 +59,6 @@ def task_stream(available: list[str], tasks: list[str] | None, quick: bool) -> l
     return stream[:QUICK_TASKS] if quick else stream
 
 
-def profile_sets(profile: str, sets: dict) -> dict:
-    """``sets`` less the entries the profile already has, so equal configs share one run name."""
-    base = make_config(profile)
-    return {k: v for k, v in sets.items() if getattr(base, k) != v}
-
-
 def kit_path(path) -> Path:
     """``path`` as given when absolute, else relative to the kit's folder (where make runs)."""
     path = Path(path)
@@ -75,6 +76,11 @@ class Context:
         self.user_sets = {k: str(v) for k, v in (sets or {}).items()}
         make_config(profile, self.user_sets)  # a bad key or value fails here, before any training
         self.workers = max(1, int(workers))
+        executor = os.environ.get("DECOFLOW_EXECUTOR") or "local"
+        if executor not in EXECUTORS:
+            raise RunError(f"DECOFLOW_EXECUTOR={executor}: expected one of {', '.join(EXECUTORS)}")
+        self.executor = make_executor(executor, workers=self.workers,
+                                      ray_address=os.environ.get("DECOFLOW_RAY_ADDRESS") or None)
         self.seeds = list(seeds)
         self.run_root = Path(run_root).resolve()
         if data != "embedded" and not Path(data).exists():
@@ -128,9 +134,10 @@ class Context:
         return out
 
     def prefetch(self, runs: list[tuple]) -> None:
-        """Train the missing runs of [(method, seed, {keyword arguments of ``run``}), ...] in
-        ``self.workers`` parallel processes; the ``run`` calls that follow then find them."""
-        ensure_runs(self.run_root, [self._job(method, seed, **kw) for method, seed, kw in runs], self.workers)
+        """Train the missing runs of [(method, seed, {keyword arguments of ``run``}), ...] with the
+        executor (``self.workers`` local processes, or Ray); the ``run`` calls that follow then find them."""
+        ensure_runs(self.run_root, [self._job(method, seed, **kw) for method, seed, kw in runs], self.workers,
+                    executor=self.executor)
 
     def features(self, **changes) -> dict:
         """{task: train.TaskData} of the stream's features (read from the feature cache)."""

@@ -3,6 +3,12 @@
 Executed copies go to the git-ignored ``runs/notebooks/``; the notebooks themselves write figures
 into ``figures/`` and tables into ``results/``. A failing notebook stops the run with its name and
 the cell that failed.
+
+``--executor ray`` (``make reproduce EXECUTOR=ray [RAY_ADDRESS=...]``) trains the notebooks' missing
+runs as Ray tasks: the pipeline joins the cluster at ``--ray-address`` (or ``RAY_ADDRESS``), or starts
+a local instance when none is given, and hands its address to every notebook's kernel through the
+environment variables ``DECOFLOW_EXECUTOR`` and ``DECOFLOW_RAY_ADDRESS``, which ``context.Context``
+reads (the notebooks' ``parameters`` cells stay as they are).
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ from pathlib import Path
 import papermill as pm
 
 from ..datasets import resolve_data
+from ..train import RunError
+from .executors import EXECUTORS, RayExecutor
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,6 +55,9 @@ def main(argv=None) -> int:
     parser.add_argument("--real-data", help="an MVTec-layout tree with bottle and magnetic_tile (notebook 07)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="config override for every run, e.g. backbone=efficientnet_lite0")
+    parser.add_argument("--executor", choices=EXECUTORS, default="local",
+                        help="where missing runs train: local processes (default) or a Ray cluster")
+    parser.add_argument("--ray-address", help="the Ray cluster to join (default: RAY_ADDRESS, else a local instance)")
     args = parser.parse_args(argv)
 
     if args.data == "embedded":
@@ -58,6 +69,14 @@ def main(argv=None) -> int:
         print("no notebooks in notebooks/ yet: nothing more to run")
         return 0
     params = notebook_parameters(args)
+    os.environ["DECOFLOW_EXECUTOR"] = args.executor  # the notebooks' kernels inherit both
+    if args.executor == "ray":
+        try:
+            os.environ["DECOFLOW_RAY_ADDRESS"] = RayExecutor(args.ray_address).connect()  # one cluster for all
+        except RunError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"executor: ray at {os.environ['DECOFLOW_RAY_ADDRESS']}")
     out_dir = REPO / "runs" / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     total = time.perf_counter()

@@ -10,20 +10,17 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import multiprocessing
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .. import files
 from ..config import changed_fields, make_config
 from ..datasets import resolve_data
 from ..report import load_metrics
 from ..train import METRICS, RunError, run
+from .executors import LocalExecutor, RunsFailed, train_missing
 
 
 def run_name(method: str, profile: str, seed: int, sets: dict | None, tag: str | None,
@@ -44,6 +41,12 @@ def data_tag(data: str) -> str:
 def run_dir(run_root, method: str, *, data: str = "embedded", tasks=None, profile: str = "cpu",
             seed: int = 0, sets: dict | None = None, tag: str | None = None) -> Path:
     return Path(run_root) / data_tag(data) / run_name(method, profile, seed, sets, tag, tasks)
+
+
+def profile_sets(profile: str, sets: dict) -> dict:
+    """``sets`` less the entries the profile already has, so equal configs share one run name."""
+    base = make_config(profile)
+    return {k: v for k, v in sets.items() if getattr(base, k) != v}
 
 
 def ensure_run(run_root, method: str, *, data: str = "embedded", tasks=None, profile: str = "cpu",
@@ -73,52 +76,20 @@ def load_matrix(run_dir, metric: str = "image_auroc"):
     return np.array(rows), tasks
 
 
-def _train_one(job: dict) -> str:
-    torch.set_num_threads(1)  # one thread per worker: on few cores, parallel runs beat threads
-    return str(ensure_run(**job, progress_bar=False))
-
-
-class RunsFailed(RunError):
-    """Some runs of a batch failed; the others finished. ``failures``: {run directory: error}."""
-
-    def __init__(self, failures: dict):
-        self.failures = failures
-        super().__init__(f"{len(failures)} run(s) failed: " + "; ".join(f"{Path(d).name}: {e}" for d, e in failures.items()))
-
-
-def ensure_runs(run_root, jobs: list[dict], workers: int = 2) -> list[Path]:
-    """``ensure_run`` for many jobs (keyword dicts), training the missing ones in ``workers``
-    processes of one thread each, biggest first. Prints one line per finished run. A run that fails
-    does not stop the others: RunsFailed names every failed run and its error at the end."""
+def ensure_runs(run_root, jobs: list[dict], workers: int = 2, executor=None, *,
+                progress_bar: bool = False) -> list[Path]:
+    """``ensure_run`` for many jobs (keyword dicts): the missing ones are trained by ``executor``
+    (``executors.make_executor``; default: ``workers`` local processes of one thread each), longest
+    streams first, one line printed per finished run. A run that fails does not stop the others:
+    RunsFailed names every failed run and its error at the end. Returns the jobs' run directories."""
     dirs = [run_dir(run_root, **job) for job in jobs]
-    missing = []
+    missing = {}
     for job, d in zip(jobs, dirs):
         if (d / "metrics.json").exists():
             ensure_run(run_root, **job)  # refuses a finished run that the current settings would not give
         else:
-            missing.append(dict(job, run_root=run_root))
-    missing.sort(key=lambda job: -len(job.get("tasks") or range(99)))  # long streams first
-    failures = {}
-    if workers <= 1 or len(missing) <= 1:
-        for job in missing:
-            try:
-                ensure_run(**job)
-            except (RunError, ValueError) as err:
-                failures[run_dir(**job)] = str(err)
-    else:
-        start = time.perf_counter()
-        with ProcessPoolExecutor(min(workers, len(missing)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_train_one, job): job for job in missing}
-            for done, future in enumerate(as_completed(futures), 1):
-                try:
-                    out = future.result()
-                except Exception as err:  # noqa: BLE001 -- every failure is reported, by run, at the end
-                    failures[run_dir(**futures[future])] = f"{type(err).__name__}: {err}"
-                    continue
-                print(f"[{done}/{len(missing)}] trained {Path(out).name} ({time.perf_counter() - start:.0f} s)",
-                      flush=True)
-    if failures:
-        raise RunsFailed(failures)
+            missing[d] = dict(job, run_root=run_root)
+    train_missing(missing, ensure_run, executor or LocalExecutor(workers), progress_bar=progress_bar)
     return dirs
 
 
@@ -137,7 +108,8 @@ CRITERIA = {"nll": ("mean_patch_nll", "mean_val_nll", min, "validation NLL"),
 
 def select(run_root, method: str, grid: dict[str, list[str]] | None = None, *, candidates: dict | None = None,
            data: str = "embedded", tasks=None, profile: str = "cpu", seed: int = 0, sets: dict | None = None,
-           val_fraction: float = 0.1, workers: int = 2, criterion: str = "nll") -> tuple[dict, list[dict]]:
+           val_fraction: float = 0.1, workers: int = 2, criterion: str = "nll",
+           executor=None) -> tuple[dict, list[dict]]:
     """Run every combination of ``grid`` ({key: [values]}) -- or the named ``candidates``
     ({name: {key: value}}, e.g. a bundle of settings against the profile as it is, ``{}``) -- with
     ``val_fraction`` of each task's train/good images held out, and choose by a validation score of
@@ -146,7 +118,8 @@ def select(run_root, method: str, grid: dict[str, list[str]] | None = None, *, c
     ``synthetic`` -- the highest mean AUROC against synthetic defects (settings that change the input).
 
     Only validation scores are read: the candidate runs' test metrics play no part. A candidate whose
-    score is not finite (a diverged run) is never chosen. Returns (chosen row, all rows).
+    score is not finite (a diverged run) is never chosen. The runs train with ``executor`` (default:
+    ``workers`` local processes). Returns (chosen row, all rows).
     """
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
@@ -161,7 +134,7 @@ def select(run_root, method: str, grid: dict[str, list[str]] | None = None, *, c
                  sets={**(sets or {}), **candidate, "val_fraction": val_fraction}) for _, candidate in named]
     keys = list(dict.fromkeys(k for _, candidate in named for k in candidate))  # a missing key: the profile's
     try:
-        outs = ensure_runs(run_root, jobs, workers)
+        outs = ensure_runs(run_root, jobs, workers, executor=executor)
     except RunsFailed as err:  # a diverged candidate is a result (never chosen); any other failure is not
         if not all(diverged(d) for d in err.failures):
             raise
@@ -179,6 +152,22 @@ def select(run_root, method: str, grid: dict[str, list[str]] | None = None, *, c
     for row in rows:
         row["chosen"] = row is best
     return best, rows
+
+
+def sweep_jobs(methods: list[str], seeds: list[int], grid: dict[str, list[str]] | None = None, *,
+               data: str = "embedded", tasks=None, profile: str = "cpu", sets: dict | None = None) -> list[dict]:
+    """``ensure_run`` keywords of every method x seed x combination of ``grid`` ({key: [values]}) on
+    top of ``sets``. The overrides are kept as the config types them, less what the profile already
+    has, so that a run is named (``run_dir``) as a notebook's run of the same settings is."""
+    grid = grid or {}
+    jobs = []
+    for values in itertools.product(*grid.values()):
+        changes = {**(sets or {}), **dict(zip(grid, values))}
+        config = make_config(profile, {k: str(v) for k, v in changes.items()})  # a bad key or value fails here
+        typed = profile_sets(profile, {k: getattr(config, k) for k in changes})
+        jobs += [dict(method=method, data=data, tasks=tasks, profile=profile, seed=seed, sets=typed)
+                 for method in methods for seed in seeds]
+    return jobs
 
 
 def save_selection(run_root, data: str, method: str, names: list[str], rows: list[dict]) -> tuple[Path, str]:

@@ -36,7 +36,7 @@ def test_select_cli_chooses_the_lowest_validation_nll_and_writes_its_table(tiny_
 
 def test_select_reads_only_validation_nll_and_never_picks_a_diverged_run(monkeypatch, tmp_path):
     nll = {"a": 0.5, "b": float("nan"), "c": float("-inf"), "d": 0.2, "e": float("inf")}
-    monkeypatch.setattr(runs, "ensure_runs", lambda root, jobs, workers: [
+    monkeypatch.setattr(runs, "ensure_runs", lambda root, jobs, workers, executor=None: [
         Path(job["sets"]["x"]) for job in jobs])
     # no test metrics in these runs at all: selection cannot read them
     monkeypatch.setattr(runs, "load_metrics", lambda d: {"validation": {"mean_patch_nll": nll[str(d)]}})
@@ -49,7 +49,7 @@ def test_select_reads_only_validation_nll_and_never_picks_a_diverged_run(monkeyp
 
 def test_select_by_synthetic_defects_takes_the_highest_auroc_and_skips_unscored_runs(monkeypatch, tmp_path):
     auroc = {"a": 0.7, "b": float("nan"), "c": 0.9, "d": None, "e": 0.8}
-    monkeypatch.setattr(runs, "ensure_runs", lambda root, jobs, workers: [
+    monkeypatch.setattr(runs, "ensure_runs", lambda root, jobs, workers, executor=None: [
         Path(job["sets"]["x"]) for job in jobs])
     monkeypatch.setattr(runs, "load_metrics", lambda d: {"validation": {
         "mean_patch_nll": -ord(str(d)), "mean_synthetic_auroc": auroc[str(d)]}})  # NLL would pick "e"
@@ -64,7 +64,7 @@ def test_select_by_synthetic_defects_takes_the_highest_auroc_and_skips_unscored_
 def test_select_between_named_bundles(monkeypatch, tmp_path, capsys):
     """--candidate NAME:k=v,...: each bundle is one run (NAME: alone is the profile as it is)."""
     seen = []
-    monkeypatch.setattr(runs, "ensure_runs", lambda root, jobs, workers: seen.extend(jobs) or [
+    monkeypatch.setattr(runs, "ensure_runs", lambda root, jobs, workers, executor=None: seen.extend(jobs) or [
         Path(json.dumps(job["sets"], sort_keys=True)) for job in jobs])
     nll = lambda d: 0.3 if "grad_clip" in str(d) else 0.5  # noqa: E731 -- the bundle has the lower NLL
     monkeypatch.setattr(runs, "load_metrics", lambda d: {"validation": {"mean_patch_nll": nll(d)}})
