@@ -38,8 +38,8 @@ from .metrics import (
     aupro,
     backward_transfer,
     forgetting,
-    image_auroc,
     image_ap,
+    image_auroc,
     image_auroc_by_type,
     pixel_auroc_ap,
 )

@@ -220,6 +220,9 @@ def test_06_routing_confusion(executed):
     assert (v["routing_errors"] == 0) == (v["kit_router_accuracy"] == 1.0)
     # distinct categories: an unlearned one is mostly unknown, held-out good images are mostly accepted
     assert v["unknown/never_learned_mean"] > 0.5 and v["unknown/false_rejection_mean"] < 0.5
+    # the comparison's kit row is the kit's router on the same features
+    assert v["compare/Mahalanobis, Ledoit-Wolf (kit)"] == v["accuracy/Mahalanobis, Ledoit-Wolf"]
+    assert all(is_fraction(v[k]) for k in v if k.startswith("compare/"))
 
 
 def test_07_component_ablation(executed):

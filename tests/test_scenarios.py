@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import error_line, read_json, read_matrix, run_argv
+from conftest import read_json, read_matrix, run_argv
 
 
 def matrix_of(path) -> np.ndarray:

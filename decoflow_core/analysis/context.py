@@ -139,16 +139,19 @@ class Context:
         ensure_runs(self.run_root, [self._job(method, seed, **kw) for method, seed, kw in runs], self.workers,
                     executor=self.executor)
 
-    def features(self, **changes) -> dict:
-        """{task: train.TaskData} of the stream's features (read from the feature cache)."""
+    def features(self, data_root=None, **changes) -> dict:
+        """{task: train.TaskData} of the stream's features (read from the feature cache); with
+        ``data_root``, of every category of that MVTec-layout tree instead."""
         config = self.config(**changes)
-        key = tuple(getattr(config, k) for k in ("backbone", "backbone_weights", "image_size", "image_resize", "grid",
-                                                 "aggregation", "feature_dim", "router_feature",
-                                                 "positional_encoding", "pe_order", "pe_scale", "eval_size"))  # what TaskData depends on
+        root = Path(data_root) if data_root else self.data_root
+        tasks = list_categories(root) if data_root else self.tasks
+        key = (str(root),) + tuple(getattr(config, k) for k in (
+            "backbone", "backbone_weights", "image_size", "image_resize", "grid", "aggregation", "feature_dim",
+            "router_feature", "positional_encoding", "pe_order", "pe_scale", "eval_size"))  # what TaskData depends on
         if key not in self._features:
             device = resolve_device(config.device)
             extractor = build_extractor(config)
-            self._features[key] = {t: load_task(self.data_root, t, extractor, config, device) for t in self.tasks}
+            self._features[key] = {t: load_task(root, t, extractor, config, device) for t in tasks}
         return self._features[key]
 
     def figure(self, fig, name: str):

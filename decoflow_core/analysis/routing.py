@@ -1,6 +1,8 @@
-"""The prototype router on its own (Sec. 3.8, 4.4.6; notebook 06): confusion, errors, and how often an
-image of a category the run never learned is called unknown."""
+"""The prototype router on its own (Sec. 3.8, 4.4.6; notebook 06): confusion, errors, how often an
+image of a category the run never learned is called unknown, and other routers on the same features."""
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pandas as pd
@@ -85,3 +87,59 @@ def grouped_routing_accuracy(train: dict, test: dict, groups: list[list[str]], p
         if prototypes == "class":
             class_hits += [n == c for n in router.nearest_prototypes(feats)]
     return {"task": float(np.mean(task_hits)), "class": float(np.mean(class_hits)) if class_hits else None}
+
+
+def _pooled_nn(train: dict):
+    """1-NN on pooled features: the distance to a task is to its nearest training image."""
+    banks = [torch.as_tensor(f).double() for f in train.values()]
+    memory = max(b.numel() for b in banks) * 4  # float32, per task
+    return (lambda x: torch.stack([torch.cdist(x.double(), b).min(dim=1).values for b in banks], 1)), memory
+
+
+def _patch_nn(train_patches: dict, bank_size: int = 2000, seed: int = 0):
+    """Patch-level nearest neighbour: a bank of ``bank_size`` training patch features per task (a seeded
+    draw); an image's distance to a task is the mean over its patches of the distance to the nearest one."""
+    generator = torch.Generator().manual_seed(seed)
+    banks = []
+    for patches in train_patches.values():
+        flat = patches.float().permute(0, 2, 3, 1).reshape(-1, patches.shape[1])
+        banks.append(flat[torch.randperm(len(flat), generator=generator)[:bank_size]])
+
+    def distances(x):
+        q = x.float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        return torch.stack([torch.cdist(q, b).min(dim=1).values.reshape(len(x), -1).mean(1) for b in banks], 1)
+    return distances, bank_size * banks[0].shape[1] * 4
+
+
+def compare_routers(features: dict, *, reg: float, bank_size: int = 2000) -> tuple[pd.DataFrame, dict]:
+    """Routers fit on the training images of ``features`` ({task: train.TaskData}) and tested on every
+    test image: the prototype router (Mahalanobis with the sample covariance -- the paper's -- or
+    Ledoit-Wolf, Euclidean), 1-NN on pooled features and patch-level nearest neighbour. Returns (a table:
+    accuracy, memory per task, ms per image with all tasks learned, growing linearly with their number;
+    {router: confusion})."""
+    tasks = list(features)
+    train = {t: d.train["pooled"] for t, d in features.items()}
+    candidates = {}
+    for name, options in (("Mahalanobis, sample covariance (paper)", dict(metric="mahalanobis", shrinkage=None)),
+                          ("Mahalanobis, Ledoit-Wolf (kit)", dict(metric="mahalanobis", shrinkage="ledoit_wolf")),
+                          ("Euclidean", dict(metric="euclidean"))):
+        router = PrototypeRouter(reg=reg, **options)
+        for task, feats in train.items():
+            router.add_task(task, feats)
+        candidates[name] = (router.distances, router.memory_bytes() / len(tasks), "pooled")
+    candidates["1-NN, pooled"] = (*_pooled_nn(train), "pooled")
+    candidates[f"patch nearest neighbour ({bank_size} patches)"] = (
+        *_patch_nn({t: d.train["patch"] for t, d in features.items()}, bank_size), "patch")
+    rows, confusions = [], {}
+    for name, (distance, memory, kind) in candidates.items():
+        confusion, start, count = np.zeros((len(tasks), len(tasks)), dtype=int), time.perf_counter(), 0
+        for i, task in enumerate(tasks):
+            x = features[task].test[kind]
+            for j in distance(x).argmin(dim=1).tolist():
+                confusion[i, j] += 1
+            count += len(x)
+        rows.append({"router": name, "accuracy": float(np.trace(confusion) / confusion.sum()),
+                     "memory per task (KiB)": memory / 1024,
+                     "ms per image": 1000 * (time.perf_counter() - start) / count})
+        confusions[name] = confusion
+    return pd.DataFrame(rows), confusions

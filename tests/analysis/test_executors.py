@@ -3,10 +3,8 @@ bit for bit, reports a killed worker's run by name, names a run root it cannot w
 runs on Ctrl-C; Context and the pipeline hand the executor to the notebooks."""
 from __future__ import annotations
 
-import _thread
 import os
 import sys
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -117,17 +115,20 @@ def test_a_run_root_that_a_worker_cannot_write_is_named(ray_instance, sweep, tmp
     assert f"run root {root}: cannot write there" in error and "a filesystem all nodes share" in error
 
 
-def test_ctrl_c_stops_the_runs_still_running(ray_instance, sweep, tmp_path):
+def test_ctrl_c_stops_the_runs_still_running(ray_instance, sweep, tmp_path, monkeypatch):
+    """Ctrl-C arrives while the driver waits for its runs (a KeyboardInterrupt out of ``ray.wait``, where
+    the driver spends its time): the run still running is cancelled and its worker stopped."""
     pid_file = tmp_path / "worker.pid"
     job = dict(sweep[("decoflow", 0)], run_root=tmp_path)
+    ray = executors.import_ray()
+    real_wait = ray.wait
 
-    def interrupt_once_started():
-        try:
-            wait_for(pid_file.exists, "the run to start")
-        finally:
-            _thread.interrupt_main()  # what Ctrl-C does
+    def wait_until_started_then_interrupt(*args, **kwargs):
+        if pid_file.exists():
+            raise KeyboardInterrupt  # what Ctrl-C does to the waiting driver
+        return real_wait(*args, **kwargs)
 
-    threading.Thread(target=interrupt_once_started, daemon=True).start()
+    monkeypatch.setattr(ray, "wait", wait_until_started_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         train_missing({tmp_path / "run": job}, partial(worker_faults.sleep_forever, str(pid_file)), RayExecutor())
     assert pid_file.exists(), "the run never started"

@@ -41,3 +41,31 @@ def test_unknown_category_rates_of_separated_and_of_overlapping_tasks():
     assert rates.loc["a", "unknown when never learned"] > 0.95 and rates.loc["b", "unknown when never learned"] > 0.95
     assert rates.loc["c", "unknown when never learned"] < 0.2  # its twin accepts it: a look-alike is not unknown
     assert (rates["false rejection (held-out good)"] < 0.2).all()
+
+
+def test_compare_routers_on_tasks_told_apart_by_their_patches_and_not_their_means():
+    """Two tasks whose images have the same pooled mean and spread but different patches: task "a" is a
+    checkerboard of +1/-1 patches, task "b" every patch 0 with noise. Pooled routers see two clouds around
+    the same mean; patch-level nearest neighbour tells them apart."""
+    from types import SimpleNamespace
+    gen = torch.Generator().manual_seed(0)
+
+    def images(kind, n):
+        if kind == "a":
+            sign = torch.ones(1, 1, 4, 4)
+            sign[..., ::2, ::2] = sign[..., 1::2, 1::2] = -1
+            patch = sign.expand(n, 3, 4, 4) + 0.05 * torch.randn(n, 3, 4, 4, generator=gen)
+        else:
+            patch = 0.05 * torch.randn(n, 3, 4, 4, generator=gen)
+        return {"patch": patch, "pooled": patch.mean(dim=(2, 3)) + 0.05 * torch.randn(n, 3, generator=gen)}
+
+    features = {k: SimpleNamespace(train=images(k, 40), test=images(k, 10)) for k in ("a", "b")}
+    table, confusions = routing.compare_routers(features, reg=1e-5, bank_size=64)
+    accuracy = dict(zip(table["router"], table["accuracy"]))
+    assert accuracy["patch nearest neighbour (64 patches)"] == 1.0
+    assert confusions["patch nearest neighbour (64 patches)"].tolist() == [[10, 0], [0, 10]]
+    assert accuracy["Euclidean"] < 0.9  # the pooled means coincide
+    memory = dict(zip(table["router"], table["memory per task (KiB)"]))
+    assert memory["patch nearest neighbour (64 patches)"] == 64 * 3 * 4 / 1024
+    assert memory["1-NN, pooled"] == 40 * 3 * 4 / 1024
+    assert (table["ms per image"] > 0).all()
