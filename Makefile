@@ -13,6 +13,8 @@ EXECUTOR ?= local
 RAY_ADDRESS ?=
 # an MVTec-layout tree holding `bottle` and `magnetic_tile` (not shipped): make real-ad REAL_AD=/path
 REAL_AD ?=
+# an MVTec-layout tree of look-alike categories for notebook 06's router comparison (not shipped)
+SIMILAR ?=
 TASK_LRS = task_lr=1e-3,3e-3,1e-2,3e-2
 
 .PHONY: setup test reproduce select real-ad embedded clean-runs
@@ -37,7 +39,7 @@ embedded: $(STAMP)
 # EXECUTOR=ray [RAY_ADDRESS=host:6379]: missing runs as Ray tasks (docs/cluster.md)
 reproduce: $(STAMP)
 	$(PY) -m decoflow_core.analysis.pipeline --data $(DATA) --profile $(PROFILE) --seeds $(SEEDS) --quick $(QUICK) \
-	  $(foreach pair,$(SETS),--set $(pair)) $(if $(REAL_AD),--real-data $(REAL_AD)) \
+	  $(foreach pair,$(SETS),--set $(pair)) $(if $(REAL_AD),--real-data $(REAL_AD)) $(if $(SIMILAR),--similar-data $(SIMILAR)) \
 	  --executor $(EXECUTOR) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
 
 # The cpu profile's choices (docs/selection.md), on held-out train/good (10%), one after the other:

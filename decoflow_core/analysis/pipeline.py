@@ -34,6 +34,8 @@ def notebook_parameters(args) -> dict:
               "RUN_ROOT": str(REPO / "runs"), "SETS": sets}
     if args.real_data:
         params["REAL_DATA"] = str(Path(args.real_data).resolve())
+    if args.similar_data:
+        params["SIMILAR_DATA"] = str(Path(args.similar_data).resolve())
     return params
 
 
@@ -53,6 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", default="0")
     parser.add_argument("--only", help="run only notebooks whose name contains this text")
     parser.add_argument("--real-data", help="an MVTec-layout tree with bottle and magnetic_tile (notebook 07)")
+    parser.add_argument("--similar-data", help="an MVTec-layout tree of look-alike categories (notebook 06's routers)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="config override for every run, e.g. backbone=efficientnet_lite0")
     parser.add_argument("--executor", choices=EXECUTORS, default="local",

@@ -53,3 +53,14 @@ def test_kit_path_resolves_relative_paths_against_the_kit_not_the_cwd(tmp_path, 
     assert context.kit_path(Path("data")) == REPO_ROOT / "data"
     assert context.kit_path("../sibling") == REPO_ROOT.parent / "sibling"
     assert context.kit_path("runs/x").is_absolute()
+
+
+def test_make_reproduce_hands_the_optional_trees_to_the_notebooks(tmp_path):
+    import argparse
+
+    from decoflow_core.analysis import pipeline
+    args = argparse.Namespace(data="embedded", profile="cpu", quick="1", seeds="0,1", set=["epochs=2"],
+                              real_data=None, similar_data=str(tmp_path / "boards"))
+    params = pipeline.notebook_parameters(args)
+    assert params["SIMILAR_DATA"] == str((tmp_path / "boards").resolve()) and "REAL_DATA" not in params
+    assert params["SEEDS"] == [0, 1] and params["QUICK"] is True and params["SETS"] == {"epochs": "2"}
