@@ -47,7 +47,7 @@ def _mean_cell(metrics: dict, metric: str) -> str:
 
 
 def _metric_cells(values: dict) -> list[str]:
-    return [_fmt(values.get(k)) for k in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")]
+    return [_fmt(values.get(k)) for k in METRICS]
 
 
 def format_report(run_dirs, per_task: bool = False) -> str:
@@ -71,7 +71,7 @@ def format_report(run_dirs, per_task: bool = False) -> str:
         if m.get("class_routing_accuracy") is not None:
             routing += f" (class {_fmt(m['class_routing_accuracy'])})"
         rows.append([Path(run_dir).name, m["method"], count] +
-                     [_mean_cell(m, k) for k in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")] +
+                     [_mean_cell(m, k) for k in METRICS] +
                      [_fmt(m["forgetting"]["image_auroc"]), _fmt(m["bwt"]["image_auroc"]), routing,
                       f"{m['params']['per_task']:,}", f"{seconds:.0f}"])
         if m.get("breaks_no_replay"):

@@ -95,6 +95,10 @@ class PrototypeRouter:
         """Name of the nearest prototype for each of the (B, G) features."""
         return [self.tasks[i] for i in self.distances(feats).argmin(dim=1).tolist()]
 
+    def owner(self, prototype: str) -> str:
+        """The task a prototype routes to."""
+        return self.owners[self.tasks.index(prototype)]
+
     def route(self, feats):
         """The task of the nearest prototype for each of the (B, G) features."""
         return [self.owners[i] for i in self.distances(feats).argmin(dim=1).tolist()]

@@ -248,10 +248,11 @@ def evaluate_task(learner: Learner, data: TaskData, config: Config, *, oracle: b
     scores, so a later evaluation with the same routing reuses them instead of recomputing."""
     task = task or data.name
     nearest = None  # the nearest class prototype of every image, when the router has them
-    if learner.uses_router and config.task_agnostic and not oracle:
+    if learner.uses_router and config.task_agnostic and not oracle and config.router_prototypes == "class":
+        nearest = learner.router.nearest_prototypes(data.test["pooled"])
+        routed = [learner.router.owner(n) for n in nearest]
+    elif learner.uses_router and config.task_agnostic and not oracle:
         routed = learner.route(data.test["pooled"])
-        if config.router_prototypes == "class":
-            nearest = learner.router.nearest_prototypes(data.test["pooled"])
     else:  # the oracle task id, or a one-flow method that has nothing to route
         routed = [task] * len(data.labels)
     key = (data.name, tuple(routed))

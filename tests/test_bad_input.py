@@ -79,12 +79,18 @@ def test_resume_on_other_data_is_refused(tree, smoke_args, tmp_path, capsys, mon
     assert run_cli(tree, out, smoke_args, capsys, extra=["--resume"]) == 0  # the same data resumes
 
 
-def test_score_on_an_unfinished_run_needs_allow_partial(tree, smoke_args, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "run"
+def crashed_after_the_first_task(tree, smoke_args, out, capsys, monkeypatch) -> None:
+    """A run into ``out`` that crashes while evaluating its second task: the first task is committed."""
     monkeypatch.setattr(train, "evaluate_task", _crash_on(ALL_TASKS[1], train.evaluate_task))
     with pytest.raises(_Crash):
         run_cli(tree, out, smoke_args, capsys)
     capsys.readouterr()
+    monkeypatch.undo()
+
+
+def test_score_on_an_unfinished_run_needs_allow_partial(tree, smoke_args, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    crashed_after_the_first_task(tree, smoke_args, out, capsys, monkeypatch)
     image = str(tree / "noise/test/good/000.png")
     assert main(["score", "--run", str(out), "--out", str(tmp_path / "maps"), image]) == 2
     line = error_line(capsys)
@@ -231,11 +237,7 @@ def test_report_on_what_is_not_a_finished_run(run_method, tmp_path, capsys):
 def test_report_with_one_unfinished_run_reports_the_others(run_method, tree, smoke_args, tmp_path, capsys,
                                                            monkeypatch):
     unfinished = tmp_path / "unfinished"
-    monkeypatch.setattr(train, "evaluate_task", _crash_on(ALL_TASKS[1], train.evaluate_task))
-    with pytest.raises(_Crash):
-        run_cli(tree, unfinished, smoke_args, capsys)
-    capsys.readouterr()
-    capsys.readouterr()
+    crashed_after_the_first_task(tree, smoke_args, unfinished, capsys, monkeypatch)
     assert main(["report", str(run_method("decoflow")), str(unfinished)]) == 1
     out = capsys.readouterr().out
     assert "| run " in out and "decoflow" in out and "unfinished: not in the table" in out and "--resume" in out
@@ -280,11 +282,7 @@ def test_ctrl_c_says_how_to_continue(tiny_tree, smoke_args, tmp_path, capsys, mo
 
 def test_a_killed_write_leaves_no_temporary_file_after_resume(tree, smoke_args, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr(train, "evaluate_task", _crash_on(ALL_TASKS[1], train.evaluate_task))
-    with pytest.raises(_Crash):
-        run_cli(tree, out, smoke_args, capsys)
-    capsys.readouterr()
-    monkeypatch.undo()
+    crashed_after_the_first_task(tree, smoke_args, out, capsys, monkeypatch)
     leftover = out / "checkpoints" / ".task_01_gradient.pt.abc123.tmp"
     leftover.write_bytes(b"half a checkpoint")
     assert run_cli(tree, out, smoke_args, capsys, extra=["--resume"]) == 0

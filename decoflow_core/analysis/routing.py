@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from ..router import UNKNOWN, PrototypeRouter
+from ..scenarios import task_name
 
 
 def routing_confusion(train: dict, test: dict, **router_options) -> tuple[np.ndarray, float]:
@@ -74,13 +75,13 @@ def grouped_routing_accuracy(train: dict, test: dict, groups: list[list[str]], p
     their own task, "class": share sent to their own class's prototype (None for task prototypes)}."""
     router = PrototypeRouter(**router_options)
     for group in groups:
-        name = "+".join(group)
+        name = task_name(group)
         if prototypes == "class":
             for c in group:
                 router.add_task(c, train[c], task=name)
         else:
             router.add_task(name, torch.cat([torch.as_tensor(train[c]) for c in group]))
-    owner = {c: "+".join(g) for g in groups for c in g}
+    owner = {c: task_name(g) for g in groups for c in g}
     task_hits, class_hits = [], []
     for c, feats in test.items():
         task_hits += [r == owner[c] for r in router.route(feats)]
