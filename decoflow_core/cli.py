@@ -18,7 +18,7 @@ from .backbone import BackboneError
 from .bench import benchmark, parameter_counts
 from .config import ConfigError, make_config
 from .data import DataError, format_info_table, validate_tree
-from .datasets import EMBEDDED_DIR, build_embedded, resolve_data
+from .datasets import BUILT, REPO, build_embedded, resolve_data
 from .datasets.converters import CONVERTERS, MVTEC_AD2_NOTE, REALIAD_RESOLUTIONS
 from .learners import METHODS
 from .report import format_report, report_is_complete, score_images, score_lines
@@ -66,8 +66,9 @@ def parse_tasks(spec: str | None) -> list[str] | None:
 
 
 def cmd_prepare(args) -> int:
-    if args.what == "embedded":
-        print(f"embedded benchmark ready at {build_embedded(args.out or EMBEDDED_DIR, seed=args.seed)}")
+    if args.what in BUILT:
+        out = args.out or REPO / "data" / args.what
+        print(f"{args.what} data ready at {build_embedded(out, seed=args.seed, family=args.what)}")
         return 0
     if not args.src or not args.out:
         raise ValueError(f"prepare {args.what} needs --src (the unpacked {args.what} release) and --out DIR")
@@ -206,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="build the embedded benchmark or convert a published data set to the MVTec layout")
-    p.add_argument("what", choices=["embedded", *CONVERTERS])
-    p.add_argument("--out", help="output folder (embedded default: data/embedded)")
+    p.add_argument("what", choices=[*BUILT, *CONVERTERS])
+    p.add_argument("--out", help="output folder (embedded, boards: default data/<what>)")
     p.add_argument("--src", help="the unpacked release: visa holds split_csv/1cls.csv; mpdd, btad, mvtec_ad2 one "
                                  "folder per category; realiad realiad_jsons/ and realiad_<resolution>/")
     p.add_argument("--resolution", choices=REALIAD_RESOLUTIONS,

@@ -220,9 +220,15 @@ def test_06_routing_confusion(executed):
     assert (v["routing_errors"] == 0) == (v["kit_router_accuracy"] == 1.0)
     # distinct categories: an unlearned one is mostly unknown, held-out good images are mostly accepted
     assert v["unknown/never_learned_mean"] > 0.5 and v["unknown/false_rejection_mean"] < 0.5
-    # the comparison's kit row is the kit's router on the same features
-    assert v["compare/Mahalanobis, Ledoit-Wolf (kit)"] == v["accuracy/Mahalanobis, Ledoit-Wolf"]
-    assert all(is_fraction(v[k]) for k in v if k.startswith("compare/"))
+    # the comparison's kit row is the kit's router on the same features, and the runs' own routers agree
+    assert v["compare/this stream/Mahalanobis, Ledoit-Wolf (kit)"] == v["accuracy/Mahalanobis, Ledoit-Wolf"]
+    assert v["run/this stream/routing"] == v["kit_router_accuracy"]
+    assert v["run/boards/routing"] == v["compare/boards/Mahalanobis, Ledoit-Wolf (kit)"]
+    assert all(is_fraction(v[k]) for k in v if k.startswith(("compare/", "run/")))
+    assert {k.split("/")[1] for k in v if k.startswith("compare/")} == {"this stream", "boards"}
+    assert "compare/boards/each task's flow, standardised" in v
+    # with the true task id nothing is forgotten, on either stream
+    assert v["run/this stream/oracle_FM"] == 0 and v["run/boards/oracle_FM"] == 0
 
 
 def test_07_component_ablation(executed):

@@ -19,7 +19,7 @@ import torch
 from .. import files
 from ..config import Config, make_config
 from ..data import list_categories
-from ..datasets import resolve_data
+from ..datasets import BUILT, resolve_data
 from ..train import RunError, build_extractor, load_task, resolve_device
 from .executors import EXECUTORS, make_executor
 from .plots import save_figure
@@ -83,7 +83,7 @@ class Context:
                                       ray_address=os.environ.get("DECOFLOW_RAY_ADDRESS") or None)
         self.seeds = list(seeds)
         self.run_root = Path(run_root).resolve()
-        if data != "embedded" and not Path(data).exists():
+        if data not in BUILT and not Path(data).exists():
             data = str(kit_path(data))  # paths given relative to the kit (make reproduce DATA=...)
         self.data_spec = data
         self.data_root = Path(resolve_data(data))

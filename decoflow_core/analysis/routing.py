@@ -2,14 +2,23 @@
 image of a category the run never learned is called unknown, and other routers on the same features."""
 from __future__ import annotations
 
+import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from sklearn.covariance import LedoitWolf
 
+from .. import files
+from ..datasets import resolve_data
+from ..report import load_run
 from ..router import UNKNOWN, PrototypeRouter
 from ..scenarios import task_name
+from ..train import load_task
 
 
 def routing_confusion(train: dict, test: dict, **router_options) -> tuple[np.ndarray, float]:
@@ -90,57 +99,226 @@ def grouped_routing_accuracy(train: dict, test: dict, groups: list[list[str]], p
     return {"task": float(np.mean(task_hits)), "class": float(np.mean(class_hits)) if class_hits else None}
 
 
-def _pooled_nn(train: dict):
-    """1-NN on pooled features: the distance to a task is to its nearest training image."""
-    banks = [torch.as_tensor(f).double() for f in train.values()]
-    memory = max(b.numel() for b in banks) * 4  # float32, per task
-    return (lambda x: torch.stack([torch.cdist(x.double(), b).min(dim=1).values for b in banks], 1)), memory
+def _lw_precision(x: torch.Tensor, reg: float) -> torch.Tensor:
+    cov = torch.from_numpy(LedoitWolf().fit(x.numpy()).covariance_)
+    return torch.linalg.inv(cov + reg * torch.eye(x.shape[1], dtype=torch.float64))
 
 
-def _patch_nn(train_patches: dict, bank_size: int = 2000, seed: int = 0):
-    """Patch-level nearest neighbour: a bank of ``bank_size`` training patch features per task (a seeded
-    draw); an image's distance to a task is the mean over its patches of the distance to the nearest one."""
-    generator = torch.Generator().manual_seed(seed)
-    banks = []
-    for patches in train_patches.values():
-        flat = patches.float().permute(0, 2, 3, 1).reshape(-1, patches.shape[1])
-        banks.append(flat[torch.randperm(len(flat), generator=generator)[:bank_size]])
-
-    def distances(x):
-        q = x.float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-        return torch.stack([torch.cdist(q, b).min(dim=1).values.reshape(len(x), -1).mean(1) for b in banks], 1)
-    return distances, bank_size * banks[0].shape[1] * 4
+def _mahalanobis(x, mean, precision):
+    diff = x - mean
+    return torch.einsum("bg,gh,bh->b", diff, precision, diff).clamp_min(0).sqrt()
 
 
-def compare_routers(features: dict, *, reg: float, bank_size: int = 2000) -> tuple[pd.DataFrame, dict]:
-    """Routers fit on the training images of ``features`` ({task: train.TaskData}) and tested on every
-    test image: the prototype router (Mahalanobis with the sample covariance -- the paper's -- or
-    Ledoit-Wolf, Euclidean), 1-NN on pooled features and patch-level nearest neighbour. Returns (a table:
-    accuracy, memory per task, ms per image with all tasks learned, growing linearly with their number;
-    {router: confusion})."""
-    tasks = list(features)
-    train = {t: d.train["pooled"] for t, d in features.items()}
-    candidates = {}
-    for name, options in (("Mahalanobis, sample covariance (paper)", dict(metric="mahalanobis", shrinkage=None)),
-                          ("Mahalanobis, Ledoit-Wolf (kit)", dict(metric="mahalanobis", shrinkage="ledoit_wolf")),
-                          ("Euclidean", dict(metric="euclidean"))):
+def _statistic_router(statistic, reg: float):
+    """Ledoit-Wolf Mahalanobis on ``statistic(features) -> (N, G)`` of every task's training images."""
+    def fit(train: dict):
+        prototypes = []
+        for feats in train.values():
+            x = statistic(feats)
+            prototypes.append((x.mean(0), _lw_precision(x, reg)))
+
+        def distances(feats):
+            x = statistic(feats)
+            return torch.stack([_mahalanobis(x, mean, precision) for mean, precision in prototypes], 1)
+        return distances, sum(m.numel() + p.numel() for m, p in prototypes) * 4 / len(prototypes)
+    return fit
+
+
+def _mean_and_std(feats):
+    """Mean and standard deviation of every channel over the patch grid: (N, 2D)."""
+    patch = feats["patch"].double()
+    return torch.cat([patch.mean(dim=(2, 3)), patch.std(dim=(2, 3))], 1)
+
+
+def _regions(feats, cells: int = 3):
+    """The patch features averaged over a ``cells`` x ``cells`` grid of image regions: (N, D * cells^2)."""
+    return F.adaptive_avg_pool2d(feats["patch"].double(), cells).flatten(1)
+
+
+def _position_router(reg: float, sample: int = 20000):
+    """Per-position prototypes: a task's mean feature at every grid position and one Ledoit-Wolf precision
+    of the residuals (a seeded draw of ``sample`` of them); distance = mean over positions."""
+    def fit(train: dict):
+        prototypes, generator = [], torch.Generator().manual_seed(0)
+        for feats in train.values():
+            patch = feats["patch"].double()
+            mean = patch.mean(0)  # (D, g, g)
+            residuals = (patch - mean).permute(0, 2, 3, 1).reshape(-1, patch.shape[1])
+            residuals = residuals[torch.randperm(len(residuals), generator=generator)[:sample]]
+            prototypes.append((mean, _lw_precision(residuals, reg)))
+
+        def distances(feats):
+            patch = feats["patch"].double()
+            out = []
+            for mean, precision in prototypes:
+                diff = (patch - mean).permute(0, 2, 3, 1).reshape(len(patch), -1, patch.shape[1])
+                out.append(torch.einsum("bpg,gh,bph->bp", diff, precision, diff).clamp_min(0).sqrt().mean(1))
+            return torch.stack(out, 1)
+        return distances, sum(m.numel() + p.numel() for m, p in prototypes) * 4 / len(prototypes)
+    return fit
+
+
+def _flow_router(learner, k: int = 3):
+    """Each task's own flow: the image score (mean of its ``k`` highest patch NLLs) under the task's
+    parameters, standardised by the scores of that task's training images. Costs one flow pass per task
+    and image. The training images' statistics are computed once and shared by routers built on this one."""
+    def score(task, patch):
+        return learner.patch_nll(task, patch).flatten(1).topk(k, dim=1).values.mean(1).double()
+
+    fitted = {}
+
+    def fit(train: dict):
+        key = tuple((t, id(f["patch"])) for t, f in train.items())
+        if key not in fitted:
+            own = {t: score(t, f["patch"]) for t, f in train.items()}
+            fitted[key] = (train, {t: (s.mean(), s.std()) for t, s in own.items()})
+        stats = fitted[key][1]
+
+        def distances(feats):
+            return torch.stack([(score(t, feats["patch"]) - m) / s for t, (m, s) in stats.items()], 1)
+        return distances, 2 * 4
+    return fit
+
+
+def _standardised(fit_router, folds: int = 5):
+    """A router whose distances are standardised per task by out-of-fold distances of its own training
+    images (``folds``-fold), so that distances of different routers can be added."""
+    def fit(train: dict):
+        stats = []
+        for task, feats in train.items():
+            n = len(feats["pooled"])
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+            held = []
+            for k in range(folds):
+                rest = torch.cat([order[j::folds] for j in range(folds) if j != k])
+                own, _ = fit_router({task: _take(feats, rest)})
+                held.append(own(_take(feats, order[k::folds]))[:, 0])
+            held = torch.cat(held)
+            stats.append((held.mean(), held.std()))
+        distances, memory = fit_router(train)
+        mean, std = (torch.stack(v) for v in zip(*stats))
+        return (lambda feats: (distances(feats) - mean) / std), memory
+    return fit
+
+
+def _sum_of(*fits):
+    def fit(train: dict):
+        routers = [f(train) for f in fits]
+        return (lambda feats: sum(d(feats) for d, _ in routers)), sum(m for _, m in routers)
+    return fit
+
+
+def _take(feats: dict, index) -> dict:
+    return {"patch": feats["patch"][index], "pooled": feats["pooled"][index]}
+
+
+def _prototype(reg: float, **options):
+    def fit(train: dict):
         router = PrototypeRouter(reg=reg, **options)
         for task, feats in train.items():
-            router.add_task(task, feats)
-        candidates[name] = (router.distances, router.memory_bytes() / len(tasks), "pooled")
-    candidates["1-NN, pooled"] = (*_pooled_nn(train), "pooled")
-    candidates[f"patch nearest neighbour ({bank_size} patches)"] = (
-        *_patch_nn({t: d.train["patch"] for t, d in features.items()}, bank_size), "patch")
+            router.add_task(task, feats["pooled"])
+        return (lambda feats: router.distances(feats["pooled"])), router.memory_bytes() / len(train)
+    return fit
+
+
+def _pooled_nn(train: dict):
+    """1-NN on pooled features: the distance to a task is to its nearest training image."""
+    banks = [torch.as_tensor(f["pooled"]).double() for f in train.values()]
+    memory = max(b.numel() for b in banks) * 4  # float32, per task
+    return (lambda feats: torch.stack([torch.cdist(feats["pooled"].double(), b).min(dim=1).values for b in banks], 1)), memory
+
+
+def _patch_nn(bank_size: int, seed: int = 0):
+    """Patch-level nearest neighbour: a bank of ``bank_size`` training patch features per task (a seeded
+    draw); an image's distance to a task is the mean over its patches of the distance to the nearest one."""
+    def fit(train: dict):
+        generator = torch.Generator().manual_seed(seed)
+        banks = []
+        for feats in train.values():
+            patches = feats["patch"]
+            flat = patches.float().permute(0, 2, 3, 1).reshape(-1, patches.shape[1])
+            banks.append(flat[torch.randperm(len(flat), generator=generator)[:bank_size]])
+
+        def distances(feats):
+            x = feats["patch"]
+            q = x.float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+            return torch.stack([torch.cdist(q, b).min(dim=1).values.reshape(len(x), -1).mean(1) for b in banks], 1)
+        return distances, bank_size * banks[0].shape[1] * 4
+    return fit
+
+
+PAPER, KIT = "Mahalanobis, sample covariance (paper)", "Mahalanobis, Ledoit-Wolf (kit)"
+FLOW = "each task's flow, standardised"
+
+
+def routers(reg: float, learner=None, bank_size: int = 2000) -> dict:
+    """The candidate routers, {name: fit(train {task: {"patch", "pooled"}}) -> (distances(feats) -> (B, T),
+    bytes per task)}; those that need the trained flows only with ``learner``."""
+    kit = _prototype(reg, metric="mahalanobis", shrinkage="ledoit_wolf")
+    out = {PAPER: _prototype(reg, metric="mahalanobis", shrinkage=None), KIT: kit,
+           "Euclidean": _prototype(reg, metric="euclidean"),
+           "Ledoit-Wolf, mean and std over the grid": _statistic_router(_mean_and_std, reg),
+           "Ledoit-Wolf, 3x3 region means": _statistic_router(_regions, reg),
+           "per-position prototypes": _position_router(reg),
+           "1-NN, pooled": _pooled_nn,
+           f"patch nearest neighbour ({bank_size} patches)": _patch_nn(bank_size)}
+    if learner is not None:
+        flow = _flow_router(learner)
+        out[FLOW] = flow
+        out[FLOW + " + Ledoit-Wolf"] = _sum_of(flow, _standardised(kit))
+    return out
+
+
+def compare_routers(features: dict, *, reg: float, learner=None, split: str = "test",
+                    bank_size: int = 2000) -> tuple[pd.DataFrame, dict]:
+    """Every router of ``routers`` fit on the training images of ``features`` ({task: train.TaskData})
+    and tested on its ``split``: ``test``, or ``val`` (train/good images held out of the run and of the
+    prototypes, for choosing a router). Returns (a table: accuracy, memory per task, ms per image with all
+    tasks learned -- every router's time grows linearly with their number --; {router: confusion})."""
+    tasks = list(features)
     rows, confusions = [], {}
-    for name, (distance, memory, kind) in candidates.items():
+    for name, fit in routers(reg, learner, bank_size).items():
+        distances, memory = fit({t: d.train for t, d in features.items()})
         confusion, start, count = np.zeros((len(tasks), len(tasks)), dtype=int), time.perf_counter(), 0
         for i, task in enumerate(tasks):
-            x = features[task].test[kind]
-            for j in distance(x).argmin(dim=1).tolist():
+            feats = getattr(features[task], split)
+            if feats is None:
+                raise ValueError(f"task {task} has no {split!r} images (split='val' needs a run with val_fraction > 0)")
+            for j in distances(feats).argmin(dim=1).tolist():
                 confusion[i, j] += 1
-            count += len(x)
+            count += len(feats["pooled"])
         rows.append({"router": name, "accuracy": float(np.trace(confusion) / confusion.sum()),
                      "memory per task (KiB)": memory / 1024,
-                     "ms per image": 1000 * (time.perf_counter() - start) / count})
+                     "ms per image": 1000 * (time.perf_counter() - start) / count,
+                     "ms per image per task": 1000 * (time.perf_counter() - start) / count / len(tasks)})
         confusions[name] = confusion
     return pd.DataFrame(rows), confusions
+
+
+def heldout_comparison(run_dir, data) -> pd.DataFrame:
+    """``compare_routers`` on the held-out train/good images of a ``decoflow`` run trained with
+    ``val_fraction`` > 0 on ``data`` (its flows and the prototypes never saw them): the numbers the
+    default router is chosen by (docs/selection.md)."""
+    config, extractor, learner, device = load_run(run_dir)
+    if not config.val_fraction:
+        raise ValueError(f"{run_dir} holds no images out (val_fraction 0); train it with --set val_fraction=0.2")
+    root = resolve_data(str(data))
+    features = {t: load_task(root, t, extractor, config, device) for t in files.read_json(Path(run_dir) / "config.json")["tasks"]}
+    table, _ = compare_routers(features, reg=config.router_reg, learner=learner, split="val")
+    return table
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="held-out routing accuracy of every candidate router (make select-router)")
+    parser.add_argument("run", help="a decoflow run trained with --set val_fraction=0.2")
+    parser.add_argument("--data", required=True, help="the data the run was trained on (embedded, boards or a path)")
+    parser.add_argument("--out", required=True, help="CSV file to write (an existing file is replaced)")
+    args = parser.parse_args(argv)
+    table = heldout_comparison(args.run, args.data)
+    files.write_text(Path(args.out), table.to_csv(index=False))
+    print(table.to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

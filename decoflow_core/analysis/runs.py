@@ -17,7 +17,7 @@ import pandas as pd
 
 from .. import files
 from ..config import changed_fields, make_config
-from ..datasets import resolve_data
+from ..datasets import BUILT, resolve_data
 from ..report import load_metrics
 from ..train import METRICS, RunError, run
 from .executors import LocalExecutor, RunsFailed, train_missing
@@ -35,7 +35,7 @@ def run_name(method: str, profile: str, seed: int, sets: dict | None, tag: str |
 
 
 def data_tag(data: str) -> str:
-    return "embedded" if data == "embedded" else Path(data).resolve().name
+    return data if data in BUILT else Path(data).resolve().name
 
 
 def run_dir(run_root, method: str, *, data: str = "embedded", tasks=None, profile: str = "cpu",

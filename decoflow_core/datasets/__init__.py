@@ -7,11 +7,12 @@ from pathlib import Path
 from .embedded import build_embedded
 
 REPO = Path(__file__).resolve().parents[2]
-EMBEDDED_DIR = REPO / "data" / "embedded"
+BUILT = ("embedded", "boards")  # the data the kit makes itself, under data/<name>
 
 
 def resolve_data(spec: str) -> Path:
-    """``embedded`` means the kit's own benchmark under data/, built on first use; anything else a path."""
-    if spec != "embedded":
+    """``embedded`` (the kit's benchmark) and ``boards`` (its four look-alike board designs) mean
+    data/<spec>, built on first use; anything else is a path."""
+    if spec not in BUILT:
         return Path(spec)
-    return Path(build_embedded(EMBEDDED_DIR, seed=0))
+    return Path(build_embedded(REPO / "data" / spec, seed=0, family=spec))

@@ -363,16 +363,34 @@ _PCB_TRACES = (((58, 38), (80, 38), (80, 30), (86, 30)), ((58, 50), (72, 50), (7
                ((16, 64), (16, 110), (28, 110), (28, 98)), ((98, 46), (106, 46), (106, 79)))
 
 
+def _swap(parts, index, kind):
+    return parts[:index] + ((kind, *parts[index][1:]),) + parts[index + 1:]
+
+
+# Four designs of one board, as a product line has them (the `boards` stream, for routing): the
+# circuit_board's own design and three that differ from it by one or two parts and a trace.
+_PCB_DESIGNS = {
+    "board_a": (_PCB_PARTS, _PCB_TRACES),
+    "board_b": (_PCB_PARTS + (("resistor", 66, 112, 6, 2.5),),               # one more resistor, wired
+                _PCB_TRACES + (((72, 112), (84, 112), (84, 101)),)),
+    "board_c": (_swap(_swap(_PCB_PARTS, 6, "resistor"), 4, "capacitor"),      # two parts of the other kind
+                _PCB_TRACES),
+    "board_d": (_PCB_PARTS[:1] + (("chip", 90, 90, 8, 14),) + _PCB_PARTS[2:],  # the second chip taller
+                _PCB_TRACES[:8] + (((16, 64), (16, 120), (28, 120), (28, 98)),) + _PCB_TRACES[9:]),
+}
+
+
 @lru_cache(maxsize=64)
-def _pcb_board(missing=None, moved=None, cut=None):
-    """Render the board in its own coordinates; defects name a part index or a cut (x, y, r)."""
+def _pcb_board(missing=None, moved=None, cut=None, design="board_a"):
+    """Render a board design in its own coordinates; defects name a part index or a cut (x, y, r)."""
+    parts, traces = _PCB_DESIGNS[design]
     rng = np.random.default_rng(7)                  # the board's look is fixed: it is the product design
     board = _tint(np.clip(0.5 + 0.12 * _smooth_noise(rng, 1.5), 0, 1), (0.04, 0.25, 0.12), (0.14, 0.46, 0.24))
-    trace = _cover(np.min([_polyline_distance(np.array(t, np.float32)) for t in _PCB_TRACES], 0) - 0.9)
+    trace = _cover(np.min([_polyline_distance(np.array(t, np.float32)) for t in traces], 0) - 0.9)
     if cut is not None:
         trace = trace * (1 - _cover(np.hypot(_X - cut[0], _Y - cut[1]) - cut[2]))
     board = _mix(board, (0.3, 0.62, 0.3), trace)
-    for i, (kind, x, y, hw, hh) in enumerate(_PCB_PARTS):
+    for i, (kind, x, y, hw, hh) in enumerate(parts):
         u, v = _X - x, _Y - y
         board = _mix(board, (0.9, 0.92, 0.88), _cover(np.abs(_box(u, v, hw + 3, hh + 3)) - 0.5))   # silkscreen
         long_u = hw > hh
@@ -395,34 +413,37 @@ def _pcb_board(missing=None, moved=None, cut=None):
     return board
 
 
-def _pcb_sample(rng):
-    return dict(dx=rng.uniform(-3, 3), dy=rng.uniform(-3, 3), angle=rng.uniform(-0.03, 0.03),
-                light=rng.uniform(0, 2 * np.pi), missing=None, moved=None, cut=None)
+def _pcb_category(design):
+    """sample, draw and the three structural defects of one board design."""
+    parts, traces = _PCB_DESIGNS[design]
 
+    def sample(rng):
+        return dict(dx=rng.uniform(-3, 3), dy=rng.uniform(-3, 3), angle=rng.uniform(-0.03, 0.03),
+                    light=rng.uniform(0, 2 * np.pi), missing=None, moved=None, cut=None)
 
-def _pcb_draw(p):
-    board = _pcb_board(p["missing"], p["moved"], p["cut"])
-    img = _view(board, SIZE / 2 + p["dx"], SIZE / 2 + p["dy"], 1.0, p["angle"])
-    light = 1 + 0.06 * ((_X - SIZE / 2) * np.cos(p["light"]) + (_Y - SIZE / 2) * np.sin(p["light"])) / SIZE
-    return img * light[..., None], _ALL
+    def draw(p):
+        board = _pcb_board(p["missing"], p["moved"], p["cut"], design)
+        img = _view(board, SIZE / 2 + p["dx"], SIZE / 2 + p["dy"], 1.0, p["angle"])
+        light = 1 + 0.06 * ((_X - SIZE / 2) * np.cos(p["light"]) + (_Y - SIZE / 2) * np.sin(p["light"])) / SIZE
+        return img * light[..., None], _ALL
 
+    def missing(p, rng):
+        return {**p, "missing": int(rng.integers(len(parts)))}
 
-def _pcb_missing(p, rng):
-    return {**p, "missing": int(rng.integers(len(_PCB_PARTS)))}
+    def moved(p, rng):
+        part = int(rng.integers(len(parts)))
+        turn = parts[part][0] != "chip" and rng.random() < 0.4
+        shift = (0.0, 0.0) if turn else tuple(float(s) for s in rng.uniform(1.5, 5, 2) * rng.choice((-1, 1), 2))
+        return {**p, "moved": (part, *shift, bool(turn))}
 
+    def cut(p, rng):
+        trace = np.array(traces[rng.integers(len(traces))], np.float32)
+        k = rng.integers(len(trace) - 1)
+        x, y = trace[k] + rng.uniform(0.2, 0.8) * (trace[k + 1] - trace[k])
+        return {**p, "cut": (float(x), float(y), float(rng.uniform(1.2, 3.2)))}
 
-def _pcb_moved(p, rng):
-    part = int(rng.integers(len(_PCB_PARTS)))
-    turn = _PCB_PARTS[part][0] != "chip" and rng.random() < 0.4
-    shift = (0.0, 0.0) if turn else tuple(float(s) for s in rng.uniform(1.5, 5, 2) * rng.choice((-1, 1), 2))
-    return {**p, "moved": (part, *shift, bool(turn))}
-
-
-def _pcb_cut(p, rng):
-    trace = np.array(_PCB_TRACES[rng.integers(len(_PCB_TRACES))], np.float32)
-    k = rng.integers(len(trace) - 1)
-    x, y = trace[k] + rng.uniform(0.2, 0.8) * (trace[k + 1] - trace[k])
-    return {**p, "cut": (float(x), float(y), float(rng.uniform(1.2, 3.2)))}
+    return sample, draw, {"missing_part": _structural(missing), "misplaced_part": _structural(moved),
+                          "broken_trace": _structural(cut)}
 
 
 # --------------------------------------------------------------------------- defects
@@ -562,15 +583,16 @@ _CATEGORIES = {
     "coffee_cup": _Category(*_photo_object("coffee", (300, 190), 10, 2.4, 0.1, 58), {
         "crack": _surface(_crack), "stain": _surface(_stain, tint=(0.55, 0.45, 0.35)),
         "foreign_patch": _surface(_foreign_patch, donor="carpet", radius=(4, 12))}),
-    "circuit_board": _Category(_pcb_sample, _pcb_draw, {
-        "missing_part": _structural(_pcb_missing), "misplaced_part": _structural(_pcb_moved),
-        "broken_trace": _structural(_pcb_cut)}),
+    "circuit_board": _Category(*_pcb_category("board_a")),
     "printed_text": _Category(*_photo_object("page", (200, 92), 6, 0.8, 0.03, SIZE), {
         "smudge": _surface(_stain, tint=(0.45, 0.45, 0.45), radius=(3, 12), strength=(0.2, 0.7)),
         "double_print": _surface(_double_print), "missing_print": _surface(_erase_print),
         "scratch": _surface(_scratch, length=(15, 55), strength=(0.4, 0.8))}, gray=True),
 }
 EMBEDDED_CATEGORIES = tuple(sorted(_CATEGORIES))
+# a second, separate set: four look-alike designs of one board, for routing (the `boards` data)
+_BOARDS = {name: _Category(*_pcb_category(name)) for name in _PCB_DESIGNS}
+FAMILIES = {"embedded": _CATEGORIES, "boards": _BOARDS}
 
 
 # --------------------------------------------------------------------------- writing
@@ -604,10 +626,10 @@ def _save_png(path, array):
     Image.fromarray(array).save(path, format="PNG", compress_level=3)   # no metadata: bytes reproducible
 
 
-def _write_category(root, name, seed):
+def _write_category(root, name, seed, family="embedded"):
     """Write one category's MVTec-style tree under root/name; returns its image counts."""
-    cat = _CATEGORIES[name]
-    rng = np.random.default_rng(seed + EMBEDDED_CATEGORIES.index(name))
+    cat = FAMILIES[family][name]
+    rng = np.random.default_rng(seed + sorted(FAMILIES[family]).index(name))
     splits = [("train/good", None, N_TRAIN), ("test/good", None, N_TEST_GOOD)]
     splits += [(f"test/{defect}", defect, N_PER_DEFECT) for defect in cat.defects]
     counts = {}
@@ -645,20 +667,26 @@ def _remove_stale_builds(out):
 
 
 def build_embedded(out: str | Path, seed: int = 0, progress: bool = True,
-                   categories: Iterable[str] | None = None) -> Path:
-    """Build the embedded benchmark at `out` in MVTec-AD layout and return `out`.
+                   categories: Iterable[str] | None = None, family: str = "embedded") -> Path:
+    """Build the embedded benchmark (``family="boards"``: the four board designs) at `out` in
+    MVTec-AD layout and return `out`.
 
-    `categories` picks a subset (default: all of EMBEDDED_CATEGORIES); a category's files do not
+    `categories` picks a subset (default: all of the family's); a category's files do not
     depend on which others are built. The tree is written to <out>.tmp-<pid> and renamed into
     place, with the marker <out>/.complete written last, so an interrupted build never looks
     finished. A complete build with the same seed and categories is reused as it is.
     """
     out = Path(out)
-    names = list(EMBEDDED_CATEGORIES) if categories is None else sorted(set(categories))
-    unknown = sorted(set(names) - set(EMBEDDED_CATEGORIES))
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {list(FAMILIES)}")
+    members = sorted(FAMILIES[family])
+    names = members if categories is None else sorted(set(categories))
+    unknown = sorted(set(names) - set(members))
     if unknown:
-        raise ValueError(f"unknown embedded categories {unknown}; choose from {list(EMBEDDED_CATEGORIES)}")
+        raise ValueError(f"unknown {family} categories {unknown}; choose from {members}")
     wanted = {"format_version": FORMAT_VERSION, "seed": seed, "categories": names}
+    if family != "embedded":
+        wanted["family"] = family
     if _is_complete(out, wanted):
         return out
     if out.exists() and _read_marker(out) is None and any(out.iterdir()):
@@ -670,8 +698,8 @@ def build_embedded(out: str | Path, seed: int = 0, progress: bool = True,
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        counts = {name: _write_category(tmp, name, seed)
-                  for name in tqdm(names, desc="embedded benchmark", unit="category", disable=not progress)}
+        counts = {name: _write_category(tmp, name, seed, family)
+                  for name in tqdm(names, desc="embedded benchmark" if family == "embedded" else f"{family} data", unit="category", disable=not progress)}
         record = {**wanted, "image_size": SIZE, "counts": counts}
         (tmp / MARKER).write_text(json.dumps(record, indent=1, sort_keys=True))
         if _is_complete(out, wanted):   # a concurrent build of the same thing finished first

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from decoflow_core.analysis import routing
@@ -69,3 +70,27 @@ def test_compare_routers_on_tasks_told_apart_by_their_patches_and_not_their_mean
     assert memory["patch nearest neighbour (64 patches)"] == 64 * 3 * 4 / 1024
     assert memory["1-NN, pooled"] == 40 * 3 * 4 / 1024
     assert (table["ms per image"] > 0).all()
+
+
+def test_flow_router_standardises_each_task_by_its_own_training_scores():
+    """Task "a"'s flow gives every patch a high NLL (100 + distance to 1), task "b"'s a low one (distance
+    to 0): raw scores would send everything to "b"; standardised by each task's own training images, an
+    image goes to the flow it is typical for."""
+    from types import SimpleNamespace
+    gen = torch.Generator().manual_seed(0)
+
+    def images(centre, n):
+        patch = centre + 0.05 * torch.randn(n, 3, 4, 4, generator=gen)
+        return {"patch": patch, "pooled": patch.mean(dim=(2, 3))}
+
+    nll = {"a": lambda p: 100 + (p - 1).abs().mean(1), "b": lambda p: p.abs().mean(1)}
+    learner = SimpleNamespace(patch_nll=lambda task, patch: nll[task](patch))
+    features = {"a": SimpleNamespace(train=images(1.0, 30), val=images(1.0, 10)),
+                "b": SimpleNamespace(train=images(0.0, 30), val=images(0.0, 10))}
+    table, confusions = routing.compare_routers(features, reg=1e-5, learner=learner, split="val", bank_size=64)
+    assert confusions[routing.FLOW].tolist() == [[10, 0], [0, 10]]
+    distances, _ = routing.routers(1e-5, learner)[routing.FLOW]({t: d.train for t, d in features.items()})
+    raw = torch.stack([nll[t](features["a"].val["patch"]).flatten(1).topk(3, dim=1).values.mean(1) for t in "ab"], 1)
+    assert (raw.argmin(1) == 1).all() and (distances(features["a"].val).argmin(1) == 0).all()
+    with pytest.raises(ValueError, match="no 'test' images"):
+        routing.compare_routers({t: SimpleNamespace(train=d.train, test=None) for t, d in features.items()}, reg=1e-5)
