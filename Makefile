@@ -17,7 +17,7 @@ REAL_AD ?=
 SIMILAR ?=
 TASK_LRS = task_lr=1e-3,3e-3,1e-2,3e-2
 
-.PHONY: setup test reproduce select real-ad embedded clean-runs
+.PHONY: setup test reproduce select select-router real-ad embedded clean-runs
 
 setup: $(STAMP)
 
@@ -67,6 +67,16 @@ select: $(STAMP)
 	  if [ -n "$(REAL_AD)" ]; then \
 	    cp runs/selection/$$(basename $(REAL_AD))/selection-decoflow-$$what.csv results/selection_$${what}_real_ad.csv || exit 1; \
 	  fi; \
+	done
+
+# The default router's choice (docs/selection.md): per stream a decoflow run with 20% of every category's
+# train/good held out, then every candidate router's accuracy on those images (the flows and prototypes
+# never saw them) -> results/selection_router_<stream>.csv; REAL_AD and SIMILAR join when given (~15 min)
+select-router: $(STAMP)
+	for data in embedded boards $(REAL_AD) $(SIMILAR); do \
+	  name=$$(basename $$data); \
+	  $(PY) -m decoflow_core run --data $$data --set val_fraction=0.2 --resume --out runs/selection/router-$$name > /dev/null || exit 1; \
+	  $(PY) -m decoflow_core.analysis.routing runs/selection/router-$$name --data $$data --out results/selection_router_$$name.csv || exit 1; \
 	done
 
 # The real-data check (docs/real_data.md): decoflow over 3 seeds, the same with the paper's per-patch

@@ -168,3 +168,11 @@ def test_score_calls_a_category_the_run_never_learned_unknown(run_method, tiny_t
     assert all(r["nearest"] in ("checker", "gradient") and math.isfinite(r["score"]) for r in records)
     metrics = read_json(run / "metrics.json")
     assert set(metrics["unknown"]) == {"checker", "gradient"} and metrics["routed_elsewhere"]["checker"] == 0.0
+
+
+def test_prepare_boards_builds_the_look_alike_designs(tmp_path, capsys):
+    out = tmp_path / "boards"
+    assert main(["prepare", "boards", "--out", str(out)]) == 0
+    assert "boards data ready at" in capsys.readouterr().out
+    assert main(["info", "--data", str(out)]) == 0
+    assert "board_d" in capsys.readouterr().out

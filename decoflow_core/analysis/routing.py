@@ -160,8 +160,8 @@ def _position_router(reg: float, sample: int = 20000):
 
 def _flow_router(learner, k: int = 3):
     """Each task's own flow: the image score (mean of its ``k`` highest patch NLLs) under the task's
-    parameters, standardised by the scores of that task's training images. Costs one flow pass per task
-    and image. The training images' statistics are computed once and shared by routers built on this one."""
+    parameters, as |score - mean| / std of the scores of that task's training images (how typical the image
+    is for the task; ``PrototypeRouter.route_by_scores``). Costs one flow pass per task and image. The training images' statistics are computed once and shared by routers built on this one."""
     def score(task, patch):
         return learner.patch_nll(task, patch).flatten(1).topk(k, dim=1).values.mean(1).double()
 
@@ -175,7 +175,7 @@ def _flow_router(learner, k: int = 3):
         stats = fitted[key][1]
 
         def distances(feats):
-            return torch.stack([(score(t, feats["patch"]) - m) / s for t, (m, s) in stats.items()], 1)
+            return torch.stack([(score(t, feats["patch"]) - m).abs() / s for t, (m, s) in stats.items()], 1)
         return distances, 2 * 4
     return fit
 

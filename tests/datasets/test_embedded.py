@@ -137,3 +137,22 @@ def test_refuses_to_overwrite_a_folder_it_did_not_write(tmp_path):
 def test_unknown_category_is_named_in_the_error(tmp_path):
     with pytest.raises(ValueError, match="toaster"):
         build_embedded(tmp_path / "emb", categories=["toaster"])
+
+
+def test_boards_are_four_look_alike_designs_of_the_circuit_board(tmp_path):
+    """The `boards` family: four categories in the usual layout; each design differs from the embedded
+    circuit board (board_a) in a small part of the image only."""
+    root = build_embedded(tmp_path / "boards", seed=0, progress=False, family="boards")
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["board_a", "board_b", "board_c", "board_d"]
+    for design in ("board_a", "board_b", "board_c", "board_d"):
+        assert len(list((root / design / "train" / "good").glob("*.png"))) == 150
+        assert sorted(p.name for p in (root / design / "ground_truth").iterdir()) == [
+            "broken_trace", "misplaced_part", "missing_part"]
+    reference = embedded._pcb_board(design="board_a")
+    for design in ("board_b", "board_c", "board_d"):
+        changed = np.abs(embedded._pcb_board(design=design) - reference).max(-1) > 0.1
+        assert 0.003 < changed.mean() < 0.05, design
+    with pytest.raises(ValueError, match="unknown family 'cables'"):
+        build_embedded(tmp_path / "x", family="cables")
+    with pytest.raises(ValueError, match="unknown boards categories"):
+        build_embedded(tmp_path / "x", family="boards", categories=["grass"])
