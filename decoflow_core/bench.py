@@ -56,7 +56,7 @@ def latency(extractor, learner, images: torch.Tensor, repeats: int = 1) -> dict:
             t0 = time.perf_counter()
             patch, pooled = extractor(image[None])
             t1 = time.perf_counter()
-            task = learner.route({"patch": patch.cpu(), "pooled": pooled.cpu()})[0] if learner.uses_router else None
+            task = learner.route(pooled.cpu())[0] if learner.uses_router else None
             t2 = time.perf_counter()
             learner.patch_nll(task, patch.cpu())
             t3 = time.perf_counter()

@@ -78,7 +78,7 @@ class Config:
     skip_loss_above: float | None = None  # a batch whose loss exceeds this is skipped
     val_fraction: float = 0.0  # share of each task's train/good held out for validation NLL (never trained on)
     # router (Sec. 3.8)
-    router_metric: str = "mahalanobis"  # or euclidean; flow: each task's own flow decides (docs/selection.md)
+    router_metric: str = "mahalanobis"
     router_reg: float = 1e-5
     router_shrinkage: str | None = "ledoit_wolf"
     router_accept_quantile: float = 0.99  # an image beyond this quantile of every task's own distances is "unknown"
@@ -142,7 +142,7 @@ CHOICES = {
     "coupling": ("soft_clamp", "freia"), "tsa_init": ("identity", "official"),
     "scm_gate": ("per_task", "shared"), "scm_init": ("identity", "box"), "acl_layout": ("paper", "official"),
     "tail_scope": ("batch", "image"), "lr_schedule": ("constant", "cosine"), "on_nonfinite": ("stop", "skip"),
-    "router_metric": ("mahalanobis", "euclidean", "flow"), "router_shrinkage": ("ledoit_wolf",),
+    "router_metric": ("mahalanobis", "euclidean"), "router_shrinkage": ("ledoit_wolf",),
     "router_feature": ("backbone", "patch"), "router_prototypes": ("task", "class"), "score_mode": ("topk", "max", "mean"),
     "map_upsample": ("bilinear", "bicubic"), "map_padding": ("replicate", "reflect"),
 }
@@ -191,8 +191,6 @@ def validate(config: Config) -> Config:
         check_order(config.order)
     except StreamError as err:
         raise ConfigError(str(err)) from None  # the flags --scenario and --order set these fields
-    if config.router_metric == "flow" and config.router_prototypes == "class":
-        raise ConfigError("--set router_metric=flow routes by each task's flow: it takes router_prototypes=task")
     if not (config.device in ("auto", "cpu", "mps") or config.device == "cuda" or
             (config.device.startswith("cuda:") and config.device[5:].isdigit())):
         raise ConfigError(f"--set device={config.device}: expected auto, cpu, cuda, cuda:N or mps")

@@ -173,7 +173,7 @@ def score_images(run_dir, images, out_dir=None, *, allow_partial: bool = False, 
             continue
         patch, pooled = extractor(batch.to(device))
         if learner.uses_router:
-            decision = learner.route_or_unknown({"patch": patch.cpu(), "pooled": pooled.cpu()})[0]
+            decision = learner.router.route_or_unknown(pooled.cpu())[0]
         else:  # one shared flow
             decision = {"task": SHARED, "nearest": SHARED, "distance": None}
         nll = learner.patch_nll(decision["nearest"], patch.cpu())  # an unknown image is scored by its nearest task

@@ -23,27 +23,18 @@ class PrototypeRouter:
     distances, each measured to a prototype fitted without it (``folds``-fold cross-fitting, so the
     threshold reflects unseen images of the task while the prototype still uses every image). An image
     farther than its nearest task's threshold is ``unknown`` (``route_or_unknown``).
-
-    ``metric="flow"`` routes by each task's own flow instead (the learner computes the scores;
-    ``add_scores`` keeps a task's training-image statistics, ``route_by_scores`` decides); the
-    prototypes, Mahalanobis, still give the distance and the unknown decision.
     """
 
     def __init__(self, *, metric="mahalanobis", reg=1e-5, shrinkage=None, dtype=torch.float32,
                  accept_quantile=0.99, folds=5):
-        if metric not in ("mahalanobis", "euclidean", "flow"):
-            raise ValueError(f"metric must be 'mahalanobis', 'euclidean' or 'flow', got {metric!r}")
+        if metric not in ("mahalanobis", "euclidean"):
+            raise ValueError(f"metric must be 'mahalanobis' or 'euclidean', got {metric!r}")
         if shrinkage not in (None, "ledoit_wolf"):
             raise ValueError(f"shrinkage must be None or 'ledoit_wolf', got {shrinkage!r}")
         self.metric, self.reg, self.shrinkage, self.dtype = metric, reg, shrinkage, dtype
         self.accept_quantile, self.folds = accept_quantile, folds
         self.tasks, self.means, self.precisions, self.thresholds = [], [], [], []
         self.owners = []  # the task of each prototype (its own name for a task's prototype)
-        self.score_stats = {}  # metric "flow": task -> (mean, std) of its training images' scores under its flow
-
-    @property
-    def prototype_metric(self):
-        return "euclidean" if self.metric == "euclidean" else "mahalanobis"
 
     def add_task(self, name, feats, *, task=None):
         """Store prototype ``name`` from its normal training features (N, G); it routes to ``task``
@@ -56,7 +47,7 @@ class PrototypeRouter:
         self.tasks.append(name)
         self.owners.append(name if task is None else task)
         self.means.append(feats.mean(dim=0).to(self.dtype))
-        if self.prototype_metric == "mahalanobis":
+        if self.metric == "mahalanobis":
             self.precisions.append(self._precision(feats).to(self.dtype))
         self.thresholds.append(self._threshold(feats))
 
@@ -84,7 +75,7 @@ class PrototypeRouter:
         held_out = []
         for k in range(folds):
             held, rest = order[k::folds], torch.cat([order[j::folds] for j in range(folds) if j != k])
-            precision = self._precision(feats[rest]) if self.prototype_metric == "mahalanobis" else None
+            precision = self._precision(feats[rest]) if self.metric == "mahalanobis" else None
             held_out.append(self._distance(feats[held], feats[rest].mean(dim=0), precision))
         return float(torch.quantile(torch.cat(held_out), self.accept_quantile))
 
@@ -94,7 +85,7 @@ class PrototypeRouter:
             raise RuntimeError("the router has no tasks yet; call add_task first")
         feats = torch.as_tensor(feats).detach().to("cpu", torch.float64)
         diff = feats[:, None, :] - torch.stack(self.means).double()[None]  # (B, T, G)
-        if self.prototype_metric == "euclidean":
+        if self.metric == "euclidean":
             return diff.norm(dim=-1)
         precision = torch.stack(self.precisions).double()  # (T, G, G)
         squared = torch.einsum("btg,tgh,bth->bt", diff, precision, diff)
@@ -112,30 +103,9 @@ class PrototypeRouter:
         """The task of the nearest prototype for each of the (B, G) features."""
         return [self.owners[i] for i in self.distances(feats).argmin(dim=1).tolist()]
 
-    def add_scores(self, task, scores):
-        """Keep the mean and standard deviation of ``task``'s own training images' anomaly scores under
-        its flow (``metric="flow"``)."""
-        scores = torch.as_tensor(scores, dtype=torch.float64)
-        self.score_stats[task] = (float(scores.mean()), float(scores.std()))
-
-    def route_by_scores(self, scores: dict) -> list[str]:
-        """{task: (B,) anomaly scores of the images under that task's flow} -> per image, the task under
-        which it is most typical: the score nearest that task's training images' scores, in their standard
-        deviations. The absolute value matters: a flow can give images of another, simpler category a
-        higher likelihood than its own (a score far below its own is as atypical as one far above)."""
-        tasks = list(scores)
-        z = torch.stack([(torch.as_tensor(scores[t], dtype=torch.float64) - self.score_stats[t][0]).abs()
-                         / max(self.score_stats[t][1], 1e-12) for t in tasks], 1)
-        return [tasks[i] for i in z.argmin(dim=1).tolist()]
-
-    def route_or_unknown(self, feats, tasks=None) -> list[dict]:
-        """Per image: ``task`` (the nearest prototype's task, or UNKNOWN beyond its threshold), ``nearest``,
-        ``distance``. Given ``tasks`` (one per image, chosen elsewhere), each image is measured against the
-        nearest prototype of its given task instead."""
+    def route_or_unknown(self, feats) -> list[dict]:
+        """Per image: ``task`` (the nearest, or UNKNOWN beyond its threshold), ``nearest``, ``distance``."""
         distances = self.distances(feats)
-        if tasks is not None:
-            others = torch.tensor([[owner != task for owner in self.owners] for task in tasks])
-            distances = distances.masked_fill(others, float("inf"))
         nearest, index = distances.min(dim=1)
         out = []
         for d, i in zip(nearest.tolist(), index.tolist()):
@@ -148,8 +118,7 @@ class PrototypeRouter:
         return {"config": dict(metric=self.metric, reg=self.reg, shrinkage=self.shrinkage,
                                accept_quantile=self.accept_quantile, folds=self.folds),
                 "tasks": list(self.tasks), "owners": list(self.owners), "means": [m.clone() for m in self.means],
-                "precisions": [p.clone() for p in self.precisions], "thresholds": list(self.thresholds),
-                "score_stats": dict(self.score_stats)}
+                "precisions": [p.clone() for p in self.precisions], "thresholds": list(self.thresholds)}
 
     def load_state_dict(self, state):
         config = state["config"]
@@ -160,7 +129,6 @@ class PrototypeRouter:
         self.means = [m.clone() for m in state["means"]]
         self.precisions = [p.clone() for p in state["precisions"]]
         self.thresholds = list(state.get("thresholds") or [None] * len(self.tasks))  # older runs: never unknown
-        self.score_stats = dict(state.get("score_stats") or {})
 
     def memory_bytes(self):
         """Bytes held by the prototypes (means and precision matrices)."""

@@ -252,7 +252,7 @@ def evaluate_task(learner: Learner, data: TaskData, config: Config, *, oracle: b
         nearest = learner.router.nearest_prototypes(data.test["pooled"])
         routed = [learner.router.owner(n) for n in nearest]
     elif learner.uses_router and config.task_agnostic and not oracle:
-        routed = learner.route(data.test)
+        routed = learner.route(data.test["pooled"])
     else:  # the oracle task id, or a one-flow method that has nothing to route
         routed = [task] * len(data.labels)
     key = (data.name, tuple(routed))
@@ -281,13 +281,13 @@ def unknown_shares(learner: Learner, data: TaskData) -> dict | None:
     still scored with its nearest task: detection metrics do not change."""
     if learner.router is None:
         return None
-    unknown = np.array([d["task"] == UNKNOWN for d in learner.route_or_unknown(data.test)])
+    unknown = np.array([d["task"] == UNKNOWN for d in learner.router.route_or_unknown(data.test["pooled"])])
     shares = {"good": float(unknown[data.labels == 0].mean()) if (data.labels == 0).any() else None,
               "defect": float(unknown[data.labels == 1].mean()) if (data.labels == 1).any() else None,
               "held_out_good": None}
     if data.val is not None:  # the false-rejection rate on good images the router never saw
         shares["held_out_good"] = float(np.mean([d["task"] == UNKNOWN for d in
-                                                 learner.route_or_unknown(data.val)]))
+                                                 learner.router.route_or_unknown(data.val["pooled"])]))
     return shares
 
 

@@ -173,29 +173,3 @@ def test_the_acceptance_threshold_is_a_quantile_of_out_of_fold_distances():
     old = PrototypeRouter(metric="euclidean")
     old.load_state_dict(state)
     assert old.route_or_unknown(torch.tensor([[1e6]], dtype=torch.float64))[0]["task"] == "line"
-
-
-def test_flow_metric_routes_by_standardised_scores_and_keeps_prototypes_for_unknown():
-    """router_metric="flow": the learner's per-task scores decide, each standardised by that task's own
-    training scores (task "a" scores everything high, so raw scores would send every image to "b"); the
-    prototypes still measure the distance to the chosen task and call a stranger unknown."""
-    gen = torch.Generator().manual_seed(0)
-    router = PrototypeRouter(metric="flow", accept_quantile=0.99)
-    router.add_task("a", torch.randn(100, 4, generator=gen))
-    router.add_task("b", torch.randn(100, 4, generator=gen) + 5)
-    router.add_scores("a", 100 + torch.randn(100, generator=gen))
-    router.add_scores("b", torch.randn(100, generator=gen))
-    assert router.score_stats["a"] == (pytest.approx(100, abs=0.3), pytest.approx(1, abs=0.2))
-    typical_of_a, typical_of_b = {"a": torch.tensor([100.0]), "b": torch.tensor([9.0])}, \
-        {"a": torch.tensor([109.0]), "b": torch.tensor([0.0])}
-    assert router.route_by_scores(typical_of_a) == ["a"] and router.route_by_scores(typical_of_b) == ["b"]
-    # measured against the chosen task's prototype, not the nearest one
-    near_b = torch.full((2, 4), 5.0, dtype=torch.float64)
-    chosen = router.route_or_unknown(near_b, ["a", "b"])
-    assert [d["nearest"] for d in chosen] == ["a", "b"]
-    assert chosen[0]["task"] == "unknown" and chosen[1]["task"] == "b"
-    restored = PrototypeRouter(metric="flow")
-    restored.load_state_dict(router.state_dict())
-    assert restored.score_stats == router.score_stats and restored.metric == "flow"
-    with pytest.raises(ValueError, match="'flow'"):
-        PrototypeRouter(metric="cosine")

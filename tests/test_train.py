@@ -6,7 +6,6 @@ trained once per session (``run_method``) and read by several tests.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -33,9 +32,7 @@ from decoflow_core import train
 from decoflow_core.cli import main
 from decoflow_core.config import make_config
 from decoflow_core.data import load_image
-from decoflow_core.features import load_batch
 from decoflow_core.learners.decoflow import DeCoFlowLearner
-from decoflow_core.report import load_run
 from decoflow_core.train import METRICS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,7 +162,7 @@ def test_routed_run_records_the_oracle_scores_of_the_same_model(run_method, tiny
     assert oracle_run["oracle"] is None and read_json(run_method("finetune") / "metrics.json")["oracle"] is None
 
     # a router that sends every image to the first task: the routed scores change, the oracle's do not
-    monkeypatch.setattr(DeCoFlowLearner, "route", lambda self, feats: [self.model.tasks[0]] * len(feats["pooled"]))
+    monkeypatch.setattr(DeCoFlowLearner, "route", lambda self, pooled: [self.model.tasks[0]] * len(pooled))
     out = tmp_path / "misrouted"
     assert main(run_argv(tiny_tree, out, smoke_args)) == 0
     misrouted = read_json(out / "metrics.json")
@@ -390,29 +387,6 @@ def test_evaluation_results_are_reused_only_for_the_same_routing(tiny_tree, smok
     assert {k: fresh[k] for k in METRICS} == {k: first[k] for k in METRICS}  # and equal to a recomputation
     calls = []
     monkeypatch.setattr(learner, "patch_nll", lambda task, x: calls.append(task) or torch.zeros(len(x), 14, 14))
-    monkeypatch.setattr(learner, "route", lambda feats: ["other"] * len(feats["pooled"]))  # another routing
+    monkeypatch.setattr(learner, "route", lambda pooled: ["other"] * len(pooled))  # another routing
     train.evaluate_task(learner, data, config, cache=cache)
     assert calls == ["other"]
-
-
-def test_flow_routing_is_an_option_of_every_routed_run(run_method, tiny_tree, smoke_args, tmp_path, capsys):
-    """router_metric=flow: each task's standardised score decides; the run's checkpoint keeps every task's
-    statistics, and a scored image is routed the same way."""
-    out = run_method("decoflow", extra=("--set", "router_metric=flow", "--set", "epochs=4"))
-    metrics = read_json(out / "metrics.json")
-    assert metrics["routing_accuracy"] >= 0.9  # far-apart categories; 8-image statistics on 4 epochs: not all
-    state = torch.load(out / "checkpoints" / "resume_02.pt", weights_only=False)
-    assert sorted(state["router"]["score_stats"]) == sorted(ALL_TASKS)
-    config, extractor, learner, _ = load_run(out)
-    image = next((tiny_tree / "gradient" / "test" / "good").glob("*.png"))
-    patch, pooled = extractor(load_batch([image], config.image_size))
-    by_hand = learner.router.route_by_scores({t: learner.image_scores(t, patch) for t in ALL_TASKS})
-    assert learner.route({"patch": patch, "pooled": pooled}) == by_hand == ["gradient"]
-    scored = tmp_path / "scores.jsonl"
-    with open(scored, "w") as handle, contextlib.redirect_stdout(handle):
-        assert main(["score", "--run", str(out), "--out", str(tmp_path / "maps"), "--json", str(image)]) == 0
-    record = json.loads(scored.read_text().strip().splitlines()[-1])
-    assert record["nearest"] == "gradient" and record["task"] in ("gradient", "unknown")
-    assert main(run_argv(tiny_tree, tmp_path / "bad", smoke_args,
-                         extra=("--set", "router_metric=flow", "--set", "router_prototypes=class"))) == 2
-    assert "it takes router_prototypes=task" in capsys.readouterr().err

@@ -53,8 +53,7 @@ def anomaly_map_examples(run_dir, root, tasks: list[str], n_per_task: int = 2) -
     for task in tasks:
         samples = pick_test_samples(load_category(root, task), 0, n_per_task)
         patch, pooled = extractor(load_batch([s.path for s in samples], config.image_size, config.image_resize).to(device))
-        routed = (learner.route({"patch": patch.cpu(), "pooled": pooled.cpu()}) if learner.uses_router and config.task_agnostic
-                  else [task] * len(samples))
+        routed = learner.route(pooled.cpu()) if learner.uses_router and config.task_agnostic else [task] * len(samples)
         for sample, patches, chosen in zip(samples, patch.cpu(), routed):
             nll = learner.patch_nll(chosen, patches[None])
             amap = pixel_maps(nll, config, config.image_size)[0].numpy()

@@ -14,7 +14,6 @@ import torch
 from ..config import Config
 from ..model import DeCoFlow
 from ..router import PrototypeRouter
-from ..scoring import image_score
 
 SHARED = "shared"  # the single task name of one-flow baselines
 
@@ -70,8 +69,6 @@ class Learner:
                 self.router.add_task(name, pooled, task=task)
         else:
             self.router.add_task(task, features["pooled"])
-        if self.config.router_metric == "flow":
-            self.router.add_scores(task, self.image_scores(task, features["patch"]))
 
     def model_for(self, task: str) -> DeCoFlow:
         raise NotImplementedError
@@ -84,24 +81,9 @@ class Learner:
                for i in range(0, len(patches), batch_size)]
         return torch.cat(out)
 
-    def image_scores(self, task: str, patches: torch.Tensor) -> torch.Tensor:
-        """(N,) image scores (Sec. 3.9) of (N, D, H, W) features under ``task``'s parameters."""
-        return image_score(self.patch_nll(task, patches), mode=self.config.score_mode, k=self.config.score_k)
-
-    def route(self, feats: dict) -> list[str]:
-        """The task chosen for each image of ``feats`` ({"pooled": (N, G), "patch": (N, D, H, W)}; only tasks
-        learned so far are known): the nearest prototype, or with ``router_metric="flow"`` the task under
-        whose own flow the image is most typical (one flow pass per task)."""
-        if self.config.router_metric != "flow":
-            return self.router.route(feats["pooled"])
-        return self.router.route_by_scores({t: self.image_scores(t, feats["patch"]) for t in self.router.score_stats})
-
-    def route_or_unknown(self, feats: dict) -> list[dict]:
-        """Per image: ``task`` (routed, or "unknown" beyond the acceptance threshold of its task's prototype),
-        ``nearest`` (the routed task, which scores the image either way) and ``distance`` (to that prototype)."""
-        if self.config.router_metric != "flow":
-            return self.router.route_or_unknown(feats["pooled"])
-        return self.router.route_or_unknown(feats["pooled"], self.route(feats))
+    def route(self, pooled: torch.Tensor) -> list[str]:
+        """The task chosen for each image by the router (only tasks learned so far are known)."""
+        return self.router.route(pooled)
 
     def state_dict(self) -> dict:
         raise NotImplementedError

@@ -108,7 +108,7 @@ def test_state_dict_round_trip_rebuilds_identical_scores_and_routes(method, trai
     for task in ("a", "b"):
         x = TASKS[task]["held_out"]
         assert torch.equal(rebuilt.patch_nll(task, x), learner.patch_nll(task, x))
-        assert rebuilt.route(TASKS[task]["train"]) == [task] * N
+        assert rebuilt.route(TASKS[task]["train"]["pooled"]) == [task] * N
     assert rebuilt.params() == learner.params()
 
 
