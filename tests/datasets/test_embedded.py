@@ -116,8 +116,8 @@ def test_other_seed_replaces_an_earlier_build(tmp_path):
 def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     real_write = embedded._write_category
 
-    def write_then_fail(root, name, seed):
-        real_write(root, name, seed)
+    def write_then_fail(root, name, seed, family="embedded"):
+        real_write(root, name, seed, family)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(embedded, "_write_category", write_then_fail)
