@@ -4,16 +4,24 @@
 training it only when its ``metrics.json`` is missing and resuming a run that was interrupted; a
 finished run whose saved config is not what the profile gives now is refused, never reused.
 ``select`` picks settings by a validation score of held-out train/good images, never by test data.
+Processes that ask for the same run at once (notebooks run side by side by ``make reproduce``) train
+it once: the first holds a lock on it, the others wait and then read it.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+try:
+    import fcntl  # POSIX; elsewhere runs are not locked
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 from .. import files
 from ..config import changed_fields, make_config
@@ -55,15 +63,32 @@ def ensure_run(run_root, method: str, *, data: str = "embedded", tasks=None, pro
     """``tasks=None`` means every category alphabetically (the default stream)."""
     out = run_dir(run_root, method, data=data, tasks=tasks, profile=profile, seed=seed, sets=sets, tag=tag)
     config = make_config(profile, {k: str(v) for k, v in (sets or {}).items()})
-    if (out / "metrics.json").exists():
-        changed = changed_fields(files.read_json(out / "config.json")["config"], config, method)
-        if changed:  # e.g. a profile changed since: never reuse a run the current settings would not give
-            raise RunError(f"{out} was trained with other settings ({', '.join(changed)} differ from the "
-                           f"'{profile}' profile now); delete it (or `make clean-runs`) to retrain")
-        return out
-    run(data_root=resolve_data(data), tasks=tasks, method=method, config=config, seed=seed, out=out,
-        resume=(out / "progress.json").exists(), progress_bar=progress_bar)
+    with run_lock(out):
+        if (out / "metrics.json").exists():
+            changed = changed_fields(files.read_json(out / "config.json")["config"], config, method)
+            if changed:  # e.g. a profile changed since: never reuse a run the current settings would not give
+                raise RunError(f"{out} was trained with other settings ({', '.join(changed)} differ from the "
+                               f"'{profile}' profile now); delete it (or `make clean-runs`) to retrain")
+            return out
+        run(data_root=resolve_data(data), tasks=tasks, method=method, config=config, seed=seed, out=out,
+            resume=(out / "progress.json").exists(), progress_bar=progress_bar)
     return out
+
+
+@contextmanager
+def run_lock(out: Path):
+    """Hold an exclusive lock on run directory ``out`` (the file ``<out>.lock`` beside it) for the
+    duration; another process asking for the same run waits here. The operating system releases the
+    lock when its holder dies, so a crashed run never blocks the next one (which resumes it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_matrix(run_dir, metric: str = "image_auroc"):

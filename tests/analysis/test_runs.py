@@ -111,3 +111,32 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tiny_tree, smo
                                   sets=sets) == out
     assert config_module.changed_fields(saved["config"], make_config("smoke", {
         k: str(v) for k, v in sets.items()}), "independent") == ["independent_lr"]
+
+
+def test_two_processes_asking_for_one_run_train_it_once(tiny_tree, smoke_args, tmp_path, monkeypatch):
+    """Notebooks run side by side: the second asker waits on the run's lock, then reuses the run."""
+    import threading
+
+    sets = {"feature_cache": smoke_args[smoke_args.index("--set") + 1].split("=", 1)[1], "image_size": 64,
+            "device": "cpu", "num_threads": 1}
+    trained, real = [], runs.run
+    first_started = threading.Event()
+
+    def counted(**kwargs):
+        trained.append(kwargs["out"])
+        first_started.set()
+        return real(**kwargs)
+
+    monkeypatch.setattr(runs, "run", counted)
+    outs = []
+    ask = lambda: outs.append(runs.ensure_run(tmp_path, "decoflow", data=str(tiny_tree), tasks=["checker"],
+                                              profile="smoke", sets=sets, progress_bar=False))
+    first = threading.Thread(target=ask)
+    first.start()
+    assert first_started.wait(60)
+    second = threading.Thread(target=ask)  # asks while the first is training
+    second.start()
+    first.join()
+    second.join()
+    assert len(trained) == 1 and len(outs) == 2 and outs[0] == outs[1]
+    assert (outs[0] / "metrics.json").exists()
