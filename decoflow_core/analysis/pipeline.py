@@ -5,9 +5,10 @@ into ``figures/`` and tables into ``results/``. A failing notebook stops the run
 the cell that failed (notebooks already running finish first).
 
 The first notebooks (``SETUP``: the data and the feature cache every other one reads) run alone; the
-rest run ``--parallel`` at a time (default 2), in order, each in its own process. A notebook's analysis
-then overlaps another's training, and a run that two notebooks need is trained once: the first to ask
-trains it, the other waits for it (``runs.ensure_run``).
+rest run ``--parallel`` at a time (default 2), each in its own process, in order except that a notebook
+whose metadata names others under ``decoflow.after`` (those that train the runs it reads, e.g. notebook
+02's) starts once they are done. A notebook's analysis then overlaps another's training, and a run that
+two notebooks need is trained once: the first to ask trains it, the other waits (``runs.ensure_run``).
 
 ``--executor ray`` (``make reproduce EXECUTOR=ray [RAY_ADDRESS=...]``) trains the notebooks' missing
 runs as Ray tasks: the pipeline joins the cluster at ``--ray-address`` (or ``RAY_ADDRESS``), or starts
@@ -18,6 +19,7 @@ reads (the notebooks' ``parameters`` cells stay as they are).
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import sys
@@ -65,11 +67,19 @@ def timed(notebook: Path, out: Path, params: dict) -> tuple[float, str | None]:
     return time.perf_counter() - start, None
 
 
+def after(notebook: Path) -> set[str]:
+    """The notebooks (names without ``.ipynb``) that ``notebook`` waits for: its metadata's
+    ``decoflow.after``."""
+    metadata = json.loads(notebook.read_text(encoding="utf-8")).get("metadata", {})
+    return set(metadata.get("decoflow", {}).get("after", []))
+
+
 def run_all(notebooks: list[Path], out_dir: Path, params: dict, parallel: int) -> str | None:
-    """Run ``notebooks`` in order: those of ``SETUP`` (and all, with ``parallel`` 1) one by one in this
-    process, the rest ``parallel`` at a time, each in a process of its own. Prints a line as each starts
-    and ends; returns None, or the first failure as ``name, cell N: error`` (no notebook starts after
-    it; those running finish)."""
+    """Run ``notebooks``: those of ``SETUP`` (and all, with ``parallel`` 1) one by one in this process,
+    the rest ``parallel`` at a time, each in a process of its own, the first in order whose ``after``
+    notebooks are done (or not among ``notebooks``) next. Prints a line as each starts and ends; returns
+    None, or the first failure as ``name, cell N: error`` (no notebook starts after it; those running
+    finish)."""
     label = {nb: f"[{i}/{len(notebooks)}] {nb.name}" for i, nb in enumerate(notebooks, 1)}
 
     def report(notebook, seconds, error):
@@ -86,11 +96,19 @@ def run_all(notebooks: list[Path], out_dir: Path, params: dict, parallel: int) -
             return failure
     if not queue:
         return None
+    waits = {nb: after(nb) & {n.stem for n in queue} for nb in queue}
     failure, running = None, {}
     with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
         while (queue and failure is None) or running:
             while queue and failure is None and len(running) < parallel:
-                notebook = queue.pop(0)
+                unfinished = {n.stem for n in queue} | {n.stem for n in running.values()}
+                ready = [nb for nb in queue if not waits[nb] & unfinished]
+                if not ready and not running:
+                    return f"{queue[0].name}, metadata: decoflow.after names notebooks that wait for it in turn"
+                if not ready:
+                    break
+                notebook = ready[0]
+                queue.remove(notebook)
                 print(f"{label[notebook]} ...", flush=True)
                 running[pool.submit(timed, notebook, out_dir / notebook.name, params)] = notebook
             done, _ = wait(running, return_when=FIRST_COMPLETED)
