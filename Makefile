@@ -10,9 +10,6 @@ SEEDS   ?= 0
 QUICK   ?= 0
 SETS    ?=
 EXECUTOR ?= local
-# notebooks run side by side after 00 and 01 (each trains its missing runs in two worker processes;
-# a run two notebooks need is trained once)
-PARALLEL ?= 2
 RAY_ADDRESS ?=
 # an MVTec-layout tree holding `bottle` and `magnetic_tile` (not shipped): make real-ad REAL_AD=/path
 REAL_AD ?=
@@ -43,7 +40,7 @@ embedded: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) -m decoflow_core.analysis.pipeline --data $(DATA) --profile $(PROFILE) --seeds $(SEEDS) --quick $(QUICK) \
 	  $(foreach pair,$(SETS),--set $(pair)) $(if $(REAL_AD),--real-data $(REAL_AD)) $(if $(SIMILAR),--similar-data $(SIMILAR)) \
-	  --executor $(EXECUTOR) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) --parallel $(PARALLEL)
+	  --executor $(EXECUTOR) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
 
 # The cpu profile's choices (docs/selection.md), on held-out train/good (10%), one after the other:
 # standardize and pe_scale by the AUROC against synthetic defects, task_lr and epochs by validation NLL

@@ -2,13 +2,7 @@
 
 Executed copies go to the git-ignored ``runs/notebooks/``; the notebooks themselves write figures
 into ``figures/`` and tables into ``results/``. A failing notebook stops the run with its name and
-the cell that failed (notebooks already running finish first).
-
-The first notebooks (``SETUP``: the data and the feature cache every other one reads) run alone; the
-rest run ``--parallel`` at a time (default 2), each in its own process, in order except that a notebook
-whose metadata names others under ``decoflow.after`` (those that train the runs it reads, e.g. notebook
-02's) starts once they are done. A notebook's analysis then overlaps another's training, and a run that
-two notebooks need is trained once: the first to ask trains it, the other waits (``runs.ensure_run``).
+the cell that failed.
 
 ``--executor ray`` (``make reproduce EXECUTOR=ray [RAY_ADDRESS=...]``) trains the notebooks' missing
 runs as Ray tasks: the pipeline joins the cluster at ``--ray-address`` (or ``RAY_ADDRESS``), or starts
@@ -19,12 +13,9 @@ reads (the notebooks' ``parameters`` cells stay as they are).
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import papermill as pm
@@ -34,7 +25,6 @@ from ..train import RunError
 from .executors import EXECUTORS, RayExecutor
 
 REPO = Path(__file__).resolve().parents[2]
-SETUP = ("00_", "01_")  # build the data and fill the feature cache: run alone, before the others
 
 
 def notebook_parameters(args) -> dict:
@@ -57,68 +47,6 @@ def execute(notebook: Path, out: Path, params: dict, **papermill_options) -> Non
                         progress_bar=False, kernel_name="python3", **papermill_options)
 
 
-def timed(notebook: Path, out: Path, params: dict) -> tuple[float, str | None]:
-    """``execute`` in a process of its own: (seconds, None) or (seconds, what failed)."""
-    start = time.perf_counter()
-    try:
-        execute(notebook, out, params)
-    except pm.PapermillExecutionError as err:
-        return time.perf_counter() - start, f"cell {err.exec_count}: {err.ename}: {err.evalue}"
-    return time.perf_counter() - start, None
-
-
-def after(notebook: Path) -> set[str]:
-    """The notebooks (names without ``.ipynb``) that ``notebook`` waits for: its metadata's
-    ``decoflow.after``."""
-    metadata = json.loads(notebook.read_text(encoding="utf-8")).get("metadata", {})
-    return set(metadata.get("decoflow", {}).get("after", []))
-
-
-def run_all(notebooks: list[Path], out_dir: Path, params: dict, parallel: int) -> str | None:
-    """Run ``notebooks``: those of ``SETUP`` (and all, with ``parallel`` 1) one by one in this process,
-    the rest ``parallel`` at a time, each in a process of its own, the first in order whose ``after``
-    notebooks are done (or not among ``notebooks``) next. Prints a line as each starts and ends; returns
-    None, or the first failure as ``name, cell N: error`` (no notebook starts after it; those running
-    finish)."""
-    label = {nb: f"[{i}/{len(notebooks)}] {nb.name}" for i, nb in enumerate(notebooks, 1)}
-
-    def report(notebook, seconds, error):
-        if error is None:
-            print(f"{label[notebook]} done in {seconds:.0f} s", flush=True)
-        return None if error is None else f"{notebook.name}, {error}"
-
-    queue = list(notebooks)
-    while queue and (parallel == 1 or queue[0].name.startswith(SETUP)):
-        notebook = queue.pop(0)
-        print(f"{label[notebook]} ...", flush=True)
-        failure = report(notebook, *timed(notebook, out_dir / notebook.name, params))
-        if failure:
-            return failure
-    if not queue:
-        return None
-    waits = {nb: after(nb) & {n.stem for n in queue} for nb in queue}
-    failure, running = None, {}
-    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-        while (queue and failure is None) or running:
-            while queue and failure is None and len(running) < parallel:
-                unfinished = {n.stem for n in queue} | {n.stem for n in running.values()}
-                ready = [nb for nb in queue if not waits[nb] & unfinished]
-                if not ready and not running:
-                    return f"{queue[0].name}, metadata: decoflow.after names notebooks that wait for it in turn"
-                if not ready:
-                    break
-                notebook = ready[0]
-                queue.remove(notebook)
-                print(f"{label[notebook]} ...", flush=True)
-                running[pool.submit(timed, notebook, out_dir / notebook.name, params)] = notebook
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                notebook = running.pop(future)
-                error = report(notebook, *future.result())
-                failure = failure or error
-    return failure
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="embedded")
@@ -133,7 +61,6 @@ def main(argv=None) -> int:
     parser.add_argument("--executor", choices=EXECUTORS, default="local",
                         help="where missing runs train: local processes (default) or a Ray cluster")
     parser.add_argument("--ray-address", help="the Ray cluster to join (default: RAY_ADDRESS, else a local instance)")
-    parser.add_argument("--parallel", type=int, default=2, help="notebooks run at a time after the setup ones (default 2)")
     args = parser.parse_args(argv)
 
     if args.data == "embedded":
@@ -155,14 +82,17 @@ def main(argv=None) -> int:
         print(f"executor: ray at {os.environ['DECOFLOW_RAY_ADDRESS']}")
     out_dir = REPO / "runs" / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.parallel < 1:
-        parser.error(f"--parallel {args.parallel}: expected 1 or more notebooks at a time")
     total = time.perf_counter()
-    failure = run_all(notebooks, out_dir, params, args.parallel)
-    if failure is not None:
-        print(f"FAILED: {failure}", file=sys.stderr)
-        print(f"executed copy with the traceback: {out_dir / failure.split(',')[0]}", file=sys.stderr)
-        return 1
+    for index, notebook in enumerate(notebooks, 1):
+        start = time.perf_counter()
+        print(f"[{index}/{len(notebooks)}] {notebook.name} ...", flush=True)
+        try:
+            execute(notebook, out_dir / notebook.name, params)
+        except pm.PapermillExecutionError as err:
+            print(f"FAILED: {notebook.name}, cell {err.exec_count}: {err.ename}: {err.evalue}", file=sys.stderr)
+            print(f"executed copy with the traceback: {out_dir / notebook.name}", file=sys.stderr)
+            return 1
+        print(f"[{index}/{len(notebooks)}] {notebook.name} done in {time.perf_counter() - start:.0f} s", flush=True)
     print(f"all {len(notebooks)} notebooks done in {time.perf_counter() - total:.0f} s")
     return 0
 

@@ -4,7 +4,7 @@
 training it only when its ``metrics.json`` is missing and resuming a run that was interrupted; a
 finished run whose saved config is not what the profile gives now is refused, never reused.
 ``select`` picks settings by a validation score of held-out train/good images, never by test data.
-Processes that ask for the same run at once (notebooks run side by side by ``make reproduce``) train
+Processes that ask for the same run at once (two notebooks open side by side, say) train
 it once: the first holds a lock on it, the others wait and then read it.
 """
 from __future__ import annotations

@@ -114,7 +114,7 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tiny_tree, smo
 
 
 def test_two_processes_asking_for_one_run_train_it_once(tiny_tree, smoke_args, tmp_path, monkeypatch):
-    """Notebooks run side by side: the second asker waits on the run's lock, then reuses the run."""
+    """Two notebooks asking for one run: the second waits on the run's lock, then reuses the run."""
     import threading
 
     sets = {"feature_cache": smoke_args[smoke_args.index("--set") + 1].split("=", 1)[1], "image_size": 64,
