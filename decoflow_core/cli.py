@@ -18,7 +18,7 @@ from .backbone import BackboneError
 from .bench import benchmark, parameter_counts
 from .config import ConfigError, make_config
 from .data import DataError, format_info_table, validate_tree
-from .datasets import BUILT, REPO, build_embedded, resolve_data
+from .datasets import BUILT, build_embedded, built_dir, resolve_data
 from .datasets.converters import CONVERTERS, MVTEC_AD2_NOTE, REALIAD_RESOLUTIONS
 from .learners import METHODS
 from .report import format_report, report_is_complete, score_images, score_lines
@@ -67,7 +67,7 @@ def parse_tasks(spec: str | None) -> list[str] | None:
 
 def cmd_prepare(args) -> int:
     if args.what in BUILT:
-        out = args.out or REPO / "data" / args.what
+        out = args.out or built_dir(args.what)
         print(f"{args.what} data ready at {build_embedded(out, seed=args.seed, family=args.what)}")
         return 0
     if not args.src or not args.out:

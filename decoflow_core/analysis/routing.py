@@ -161,7 +161,8 @@ def _position_router(reg: float, sample: int = 20000):
 def _flow_router(learner, k: int = 3):
     """Each task's own flow: the image score (mean of its ``k`` highest patch NLLs) under the task's
     parameters, as |score - mean| / std of the scores of that task's training images (how typical the image
-    is for the task; ``PrototypeRouter.route_by_scores``). Costs one flow pass per task and image. The training images' statistics are computed once and shared by routers built on this one."""
+    is for the task). Costs one flow pass per task and image. The training images' statistics are
+    computed once and shared by routers built on this one."""
     def score(task, patch):
         return learner.patch_nll(task, patch).flatten(1).topk(k, dim=1).values.mean(1).double()
 
@@ -287,10 +288,10 @@ def compare_routers(features: dict, *, reg: float, learner=None, split: str = "t
             for j in distances(feats).argmin(dim=1).tolist():
                 confusion[i, j] += 1
             count += len(feats["pooled"])
+        ms = 1000 * (time.perf_counter() - start) / count
         rows.append({"router": name, "accuracy": float(np.trace(confusion) / confusion.sum()),
-                     "memory per task (KiB)": memory / 1024,
-                     "ms per image": 1000 * (time.perf_counter() - start) / count,
-                     "ms per image per task": 1000 * (time.perf_counter() - start) / count / len(tasks)})
+                     "memory per task (KiB)": memory / 1024, "ms per image": ms,
+                     "ms per image per task": ms / len(tasks)})
         confusions[name] = confusion
     return pd.DataFrame(rows), confusions
 

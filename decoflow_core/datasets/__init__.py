@@ -10,9 +10,14 @@ REPO = Path(__file__).resolve().parents[2]
 BUILT = ("embedded", "boards")  # the data the kit makes itself, under data/<name>
 
 
+def built_dir(name: str) -> Path:
+    """Where the kit builds its own data ``name`` (one of BUILT)."""
+    return REPO / "data" / name
+
+
 def resolve_data(spec: str) -> Path:
     """``embedded`` (the kit's benchmark) and ``boards`` (its four look-alike board designs) mean
     data/<spec>, built on first use; anything else is a path."""
     if spec not in BUILT:
         return Path(spec)
-    return Path(build_embedded(REPO / "data" / spec, seed=0, family=spec))
+    return Path(build_embedded(built_dir(spec), seed=0, family=spec))
