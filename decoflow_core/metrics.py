@@ -4,7 +4,8 @@ Detection metrics (the defect class is the positive one; NaN when a class is mis
 
 * image_auroc, image_ap: AUROC and average precision of the image scores (sklearn's roc_auc_score
   and average_precision_score).
-* pixel_auroc_ap: AUROC and AP over every pixel of every test image.
+* pixel_auroc_ap: AUROC and AP over every pixel of every test image (``pixel_metrics``: both and
+  AUPRO from one sort of the pixels).
 * aupro: area under the per-region-overlap curve up to a false-positive rate of 0.3, divided by 0.3
   (the MVTec-AD definition). For a threshold t, PRO(t) is the mean over every connected defect
   region (8-connectivity, each image labelled on its own, all images pooled) of the share of the
@@ -55,34 +56,66 @@ def image_auroc_by_type(types, scores, good: str = "good") -> dict[str, float]:
     return {t: image_auroc(types[keep] == t, scores[keep]) for t, keep in pairs.items()}
 
 
-def pixel_auroc_ap(masks, maps) -> tuple[float, float]:
+class PixelScores:
+    """The pixels of a test set split by their truth and sorted once, for every pixel metric below.
+
+    Defect-free scores are sorted on their own (a plain sort of millions of values), defect pixels by an
+    argsort of their far smaller number; every count of scores above a threshold is then a binary search,
+    and tied scores form one threshold. ``scores`` keeps float32 maps exact (a float64 map stays float64).
+    """
+
+    def __init__(self, masks, maps):
+        truth = np.asarray(masks, dtype=bool)
+        scores = np.asarray(maps)
+        scores = scores if scores.dtype == np.float32 else scores.astype(np.float64)
+        if truth.shape != scores.shape:
+            raise ValueError(f"masks and maps must have one shape, got {truth.shape} and {scores.shape}")
+        self.truth, self.scores = truth, scores
+        self.normal = np.sort(scores[~truth])  # ascending
+        defect = scores[truth]
+        self.defect_order = np.argsort(defect, kind="stable")
+        self.defect = defect[self.defect_order]  # ascending
+        self.defined = 0 < len(self.defect) and 0 < len(self.normal)
+
+    def normal_at_least(self, t):
+        """Defect-free pixels with a score >= t (t may be an array)."""
+        return len(self.normal) - np.searchsorted(self.normal, t, side="left")
+
+    def normal_above(self, t):
+        return len(self.normal) - np.searchsorted(self.normal, t, side="right")
+
+
+def pixel_auroc_ap(masks, maps, pixels: PixelScores | None = None) -> tuple[float, float]:
     """Pixel AUROC and pixel AP over every pixel of every test image; masks (N, S, S) bool.
 
-    Both come from one sort of the scores (millions of pixels); tied scores form one threshold,
-    so the values equal sklearn's roc_auc_score and average_precision_score exactly.
+    AUROC: the share of (defect, defect-free) pixel pairs in which the defect pixel scores higher, ties
+    counting one half; AP: the sum over the distinct defect scores t (descending) of the share of defect
+    pixels at t times the precision of {score >= t}. Both equal sklearn's roc_auc_score and
+    average_precision_score (tied scores one threshold) up to float rounding.
     """
-    truth = np.asarray(masks, dtype=bool).ravel()
-    if truth.all() or not truth.any():
+    pixels = pixels or PixelScores(masks, maps)
+    if not pixels.defined:
         return float("nan"), float("nan")
-    scores = np.asarray(maps, dtype=np.float32).ravel()
-    order = np.argsort(-scores)  # any order within a tie: each threshold ends after the whole tie
-    ends = np.r_[np.flatnonzero(np.diff(scores[order])), len(scores) - 1]  # last index of each threshold
-    tp = np.cumsum(truth[order], dtype=np.int64)[ends]
-    fp = ends + 1 - tp
-    tpr, fpr = np.r_[0, tp] / tp[-1], np.r_[0, fp] / fp[-1]
-    auroc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # trapezoids
-    ap = float(np.sum(np.diff(np.r_[0, tp]) / tp[-1] * tp / (tp + fp)))
+    defect, n_defect, n_normal = pixels.defect, len(pixels.defect), len(pixels.normal)
+    below = np.searchsorted(pixels.normal, defect, side="left")
+    tied = np.searchsorted(pixels.normal, defect, side="right") - below
+    auroc = float((below.sum(dtype=np.int64) + 0.5 * tied.sum(dtype=np.int64)) / (n_defect * n_normal))
+    values, first = np.unique(defect, return_index=True)  # ascending distinct defect scores
+    count = np.diff(np.r_[first, n_defect])
+    true_pos = n_defect - first  # defect pixels >= each value
+    precision = true_pos / (true_pos + pixels.normal_at_least(values))
+    ap = float(np.sum(count / n_defect * precision))
     return auroc, ap
 
 
-def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
+def aupro(masks, maps, fpr_limit: float = 0.3, pixels: PixelScores | None = None) -> float:
     """Normalised area under the per-region-overlap (PRO) curve up to FPR = fpr_limit.
 
     masks (N, H, W) bool (True = defect), maps (N, H, W) anomaly scores. For a threshold t:
 
     * PRO(t) = mean over all connected defect regions (8-connectivity within an image; regions of
-      all N images pooled) of |region & {map > t}| / |region|;
-    * FPR(t) = |defect-free pixels with map > t| / |defect-free pixels| (all N images pooled).
+      all N images pooled) of |region & {map >= t}| / |region|;
+    * FPR(t) = |defect-free pixels with map >= t| / |defect-free pixels| (all N images pooled).
 
     Every distinct score is a threshold (ties form one threshold), so the curve is the exact step
     sequence from (0, 0) to (1, 1). It is integrated over FPR in [0, fpr_limit] with the
@@ -90,32 +123,42 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     so that the result lies in [0, 1] (1 for a map that ranks every defect pixel above every
     defect-free one). NaN when there is no defect region or no defect-free pixel.
 
-    One sort of all pixels: PRO(t) = sum over the pixels above t of 1 / (n_regions * |their region|),
-    i.e. the per-region cumulative overlaps weighted and summed, read at the end of each tie.
+    PRO(t) is a sum over the defect pixels >= t of 1 / (n_regions * |their region|). FPR moves only at
+    the distinct defect-free scores u: each adds the segment from (FPR, PRO) just above u to (FPR, PRO)
+    at u; between them PRO rises at constant FPR, which adds no area.
     """
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    truth = np.asarray(masks, dtype=bool)
-    scores = np.asarray(maps, dtype=np.float64)
-    if truth.ndim != 3 or truth.shape != scores.shape:
-        raise ValueError(f"masks and maps must both be (N, H, W), got {truth.shape} and {scores.shape}")
-    n_normal = truth.size - np.count_nonzero(truth)
-    if n_normal == 0 or n_normal == truth.size:
+    if np.ndim(masks) != 3 or np.shape(masks) != np.shape(maps):
+        raise ValueError(f"masks and maps must both be (N, H, W), got {np.shape(masks)} and {np.shape(maps)}")
+    pixels = pixels or PixelScores(masks, maps)
+    if not pixels.defined:
         return float("nan")
     within_image = np.zeros((3, 3, 3), dtype=bool)
     within_image[1] = True  # 8-neighbours in the same image, never across images
-    regions, n_regions = ndimage.label(truth, structure=within_image)
+    regions, n_regions = ndimage.label(pixels.truth, structure=within_image)
     sizes = np.bincount(regions.ravel(), minlength=n_regions + 1)
-    pixel_weight = np.r_[0.0, 1.0 / (n_regions * sizes[1:])]  # label 0 (defect-free) weighs nothing
-    scores = scores.ravel()
-    order = np.argsort(-scores)  # any order within a tie: each threshold ends after the whole tie
-    ends = np.r_[np.flatnonzero(np.diff(scores[order])), scores.size - 1]  # last index of each threshold
-    pro = np.r_[0.0, np.cumsum(pixel_weight[regions.ravel()[order]])[ends]]
-    fpr = np.r_[0, np.cumsum(~truth.ravel()[order], dtype=np.int64)[ends]] / n_normal
-    k = int(np.searchsorted(fpr, fpr_limit, side="left"))  # first point with FPR >= fpr_limit (k >= 1)
-    pro_at_limit = pro[k - 1] + (pro[k] - pro[k - 1]) * (fpr_limit - fpr[k - 1]) / (fpr[k] - fpr[k - 1])
-    x, y = np.r_[fpr[:k], fpr_limit], np.r_[pro[:k], pro_at_limit]
-    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2) / fpr_limit)
+    weight = (1.0 / (n_regions * sizes[1:]))[regions[pixels.truth] - 1][pixels.defect_order]  # ascending score
+    weight_below = np.r_[0.0, np.cumsum(weight)]  # weight of the defect pixels under each index
+    n_normal = len(pixels.normal)
+    # the distinct defect-free scores, descending, as far as the first that reaches the FPR limit
+    reach = pixels.normal[::-1][: min(n_normal, int(np.ceil(fpr_limit * n_normal)) + 1)]
+    u = reach[np.r_[True, reach[1:] != reach[:-1]]]
+    fpr_at, fpr_above = pixels.normal_at_least(u) / n_normal, pixels.normal_above(u) / n_normal
+    pro_at = weight_below[-1] - weight_below[np.searchsorted(pixels.defect, u, side="left")]
+    pro_above = weight_below[-1] - weight_below[np.searchsorted(pixels.defect, u, side="right")]
+    k = int(np.searchsorted(fpr_at, fpr_limit, side="left"))  # the segment that reaches the limit
+    area = np.sum((fpr_at[:k] - fpr_above[:k]) * (pro_at[:k] + pro_above[:k]) / 2)
+    pro_limit = pro_above[k] + (pro_at[k] - pro_above[k]) * (fpr_limit - fpr_above[k]) / (fpr_at[k] - fpr_above[k])
+    area += (fpr_limit - fpr_above[k]) * (pro_above[k] + pro_limit) / 2
+    return float(area / fpr_limit)
+
+
+def pixel_metrics(masks, maps) -> dict:
+    """pixel_auroc, pixel_ap and aupro of one test set, its pixels sorted once."""
+    pixels = PixelScores(masks, maps)
+    auroc, ap = pixel_auroc_ap(masks, maps, pixels)
+    return {"pixel_auroc": auroc, "pixel_ap": ap, "aupro": aupro(masks, maps, pixels=pixels)}
 
 
 def forgetting(R) -> float:

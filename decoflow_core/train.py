@@ -34,15 +34,7 @@ from .datasets.synthetic import synthetic_defects
 from .features import array_features, extract_features
 from .learners import METHODS, Learner, make_learner
 from .losses import training_loss
-from .metrics import (
-    aupro,
-    backward_transfer,
-    forgetting,
-    image_ap,
-    image_auroc,
-    image_auroc_by_type,
-    pixel_auroc_ap,
-)
+from .metrics import backward_transfer, forgetting, image_ap, image_auroc, image_auroc_by_type, pixel_metrics
 from .router import UNKNOWN
 from .scenarios import StreamError, task_name, task_stream
 from .scoring import image_score, pixel_maps
@@ -268,8 +260,7 @@ def evaluate_task(learner: Learner, data: TaskData, config: Config, *, oracle: b
               "by_defect": image_auroc_by_type([s.defect_type for s in data.category.test], scores.numpy())}
     if data.masks is not None:
         maps = pixel_maps(nll, config).numpy()
-        result["pixel_auroc"], result["pixel_ap"] = pixel_auroc_ap(data.masks, maps)
-        result["aupro"] = aupro(data.masks, maps)
+        result.update(pixel_metrics(data.masks, maps))
     if cache is not None:
         cache[key] = result
     return {**result, "nearest": nearest, "unknown": unknown_shares(learner, data)}  # changes with every new task
