@@ -124,6 +124,29 @@ def _statistic_router(statistic, reg: float):
     return fit
 
 
+def _shared_router(statistic, reg: float):
+    """Mahalanobis to each task's mean of ``statistic(features) -> (N, G)`` under one precision shared by
+    all tasks: Ledoit-Wolf on every task's training residuals (each image minus its own task's mean), as
+    in linear discriminant analysis. A task keeps only its mean; the shared (G, G) precision changes as
+    tasks are added (its memory, divided by the task count, is counted per task)."""
+    def fit(train: dict):
+        stats = [statistic(feats) for feats in train.values()]
+        means = [x.mean(0) for x in stats]
+        residuals = torch.cat([x - mean for x, mean in zip(stats, means)])
+        cov = torch.from_numpy(LedoitWolf(assume_centered=True).fit(residuals.numpy()).covariance_)
+        precision = torch.linalg.inv(cov + reg * torch.eye(cov.shape[0], dtype=torch.float64))
+
+        def distances(feats):
+            x = statistic(feats)
+            return torch.stack([_mahalanobis(x, mean, precision) for mean in means], 1)
+        return distances, (sum(m.numel() for m in means) + precision.numel()) * 4 / len(means)
+    return fit
+
+
+def _pooled(feats):
+    return feats["pooled"].double()
+
+
 def _mean_and_std(feats):
     """Mean and standard deviation of every channel over the patch grid: (N, 2D)."""
     patch = feats["patch"].double()
@@ -250,6 +273,8 @@ def _patch_nn(bank_size: int, seed: int = 0):
 
 PAPER, KIT = "Mahalanobis, sample covariance (paper)", "Mahalanobis, Ledoit-Wolf (kit)"
 FLOW = "each task's flow, standardised"
+SHARED = "Mahalanobis, one Ledoit-Wolf covariance shared by the tasks"
+SHARED_MEAN_STD = "shared Ledoit-Wolf covariance, mean and std over the grid"
 
 
 def routers(reg: float, learner=None, bank_size: int = 2000) -> dict:
@@ -260,6 +285,8 @@ def routers(reg: float, learner=None, bank_size: int = 2000) -> dict:
            "Euclidean": _prototype(reg, metric="euclidean"),
            "Ledoit-Wolf, mean and std over the grid": _statistic_router(_mean_and_std, reg),
            "Ledoit-Wolf, 3x3 region means": _statistic_router(_regions, reg),
+           SHARED: _shared_router(_pooled, reg),
+           SHARED_MEAN_STD: _shared_router(_mean_and_std, reg),
            "per-position prototypes": _position_router(reg),
            "1-NN, pooled": _pooled_nn,
            f"patch nearest neighbour ({bank_size} patches)": _patch_nn(bank_size)}

@@ -94,3 +94,37 @@ def test_flow_router_standardises_each_task_by_its_own_training_scores():
     assert (raw.argmin(1) == 1).all() and (distances(features["a"].val).argmin(1) == 0).all()
     with pytest.raises(ValueError, match="no 'test' images"):
         routing.compare_routers({t: SimpleNamespace(train=d.train, test=None) for t, d in features.items()}, reg=1e-5)
+
+
+def test_shared_covariance_router_pools_the_tasks_residuals():
+    """Four tasks of ten images in 24 dimensions, all with one direction of large variation, told apart
+    along a direction of small variation: each task's own covariance is poorly estimated from ten images,
+    the one shared by the tasks (every image minus its task's mean) from forty. The shared router's
+    distances are the Mahalanobis distances under Ledoit-Wolf on the pooled residuals, computed by hand."""
+    from types import SimpleNamespace
+
+    from sklearn.covariance import LedoitWolf
+    gen = torch.Generator().manual_seed(0)
+    dims, scale = 24, torch.ones(24)
+    scale[0] = 20.0
+
+    def images(centre, n):
+        x = torch.randn(n, dims, generator=gen, dtype=torch.float64) * scale
+        x[:, 1] += centre
+        return {"pooled": x, "patch": x[:, :, None, None] + 0.01 * torch.randn(n, dims, 2, 2, generator=gen, dtype=torch.float64)}
+
+    features = {f"t{c}": SimpleNamespace(train=images(2.5 * c, 10), test=images(2.5 * c, 50)) for c in range(4)}
+    table, _ = routing.compare_routers(features, reg=1e-5, bank_size=8)
+    accuracy = dict(zip(table["router"], table["accuracy"]))
+    assert accuracy[routing.SHARED] > accuracy[routing.KIT] + 0.1
+    assert accuracy[routing.SHARED_MEAN_STD] > accuracy[routing.KIT] + 0.1
+
+    train = {t: d.train for t, d in features.items()}
+    distances, memory = routing.routers(1e-5)[routing.SHARED](train)
+    means = [f["pooled"].mean(0).numpy() for f in train.values()]
+    residuals = np.concatenate([f["pooled"].numpy() - m for f, m in zip(train.values(), means)])
+    precision = np.linalg.inv(LedoitWolf(assume_centered=True).fit(residuals).covariance_ + 1e-5 * np.eye(dims))
+    query = features["t2"].test["pooled"].numpy()
+    expected = np.stack([np.sqrt(np.einsum("bg,gh,bh->b", query - m, precision, query - m)) for m in means], 1)
+    np.testing.assert_allclose(distances(features["t2"].test).numpy(), expected, rtol=1e-9)
+    assert memory == (4 * dims + dims * dims) * 4 / 4  # the means and one shared precision, per task
