@@ -178,7 +178,7 @@ def positional_encoding_2d(dim: int, height: int, width: int, order: str = "rows
 
 
 AGGREGATIONS = ("pool", "unfold")
-ROUTER_FEATURES = ("backbone", "patch")
+ROUTER_FEATURES = ("backbone", "patch", "patch_mean_std")
 
 
 def unfold_aggregate(maps: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -209,7 +209,9 @@ class FeatureExtractor(nn.Module):
     official code's ``unfold_aggregate`` on the first stage's own grid (28 x 28 at 224 px), ``feature_dim``
     channels. Then P of Eq. 6, times ``pe_scale``, is added.
     The pooled feature for the router is the global average of the concatenated stages
-    (``router_feature="backbone"``) or of the patch features before P (``"patch"``, the official code's).
+    (``router_feature="backbone"``), of the patch features before P (``"patch"``, the official code's),
+    or the mean and standard deviation of every channel of the patch features over the grid, after P
+    (``"patch_mean_std"``, 2D values).
     """
 
     def __init__(self, *, backbone: str = "efficientnet_lite0", weights: str | None = None, grid: int = 14,
@@ -265,4 +267,7 @@ class FeatureExtractor(nn.Module):
                 patches = F.adaptive_avg_pool1d(flat, self.dim).reshape(b, g, g, self.dim).permute(0, 3, 1, 2)
         if self.router_feature == "patch":
             pooled = patches.mean(dim=(2, 3))  # (B, D), before P
-        return patches + self.pos, pooled
+        patches = patches + self.pos
+        if self.router_feature == "patch_mean_std":  # (B, 2D): mean and std of every channel over the grid, after P
+            pooled = torch.cat([patches.mean(dim=(2, 3)), patches.std(dim=(2, 3))], dim=1)
+        return patches, pooled

@@ -83,6 +83,8 @@ class Config:
     router_shrinkage: str | None = "ledoit_wolf"
     router_accept_quantile: float = 0.99  # an image beyond this quantile of every task's own distances is "unknown"
     router_feature: str = "backbone"  # backbone (mean of the raw stages) | patch (mean of the D-dim features)
+    # | patch_mean_std (mean and std of the D-dim features over the grid)
+    router_covariance: str = "task"  # task: a precision per prototype | shared: one for all (Ledoit-Wolf only)
     # scoring (Sec. 3.9) and evaluation
     score_mode: str = "topk"
     score_k: int = 3
@@ -143,7 +145,7 @@ CHOICES = {
     "scm_gate": ("per_task", "shared"), "scm_init": ("identity", "box"), "acl_layout": ("paper", "official"),
     "tail_scope": ("batch", "image"), "lr_schedule": ("constant", "cosine"), "on_nonfinite": ("stop", "skip"),
     "router_metric": ("mahalanobis", "euclidean"), "router_shrinkage": ("ledoit_wolf",),
-    "router_feature": ("backbone", "patch"), "router_prototypes": ("task", "class"), "score_mode": ("topk", "max", "mean"),
+    "router_feature": ("backbone", "patch", "patch_mean_std"), "router_covariance": ("task", "shared"), "router_prototypes": ("task", "class"), "score_mode": ("topk", "max", "mean"),
     "map_upsample": ("bilinear", "bicubic"), "map_padding": ("replicate", "reflect"),
 }
 # numeric fields: (lowest, highest, whether the lowest is allowed); every number must be finite
@@ -191,6 +193,9 @@ def validate(config: Config) -> Config:
         check_order(config.order)
     except StreamError as err:
         raise ConfigError(str(err)) from None  # the flags --scenario and --order set these fields
+    if config.router_covariance == "shared" and (config.router_metric, config.router_shrinkage) != ("mahalanobis", "ledoit_wolf"):
+        raise ConfigError(f"--set router_covariance=shared: needs router_metric=mahalanobis and router_shrinkage="
+                          f"ledoit_wolf, got {config.router_metric} and {config.router_shrinkage}")
     if not (config.device in ("auto", "cpu", "mps") or config.device == "cuda" or
             (config.device.startswith("cuda:") and config.device[5:].isdigit())):
         raise ConfigError(f"--set device={config.device}: expected auto, cpu, cuda, cuda:N or mps")

@@ -19,22 +19,34 @@ class PrototypeRouter:
     task=...)`` per class -- one per class, each mapped to its task: routing returns the task of the
     nearest prototype, ``nearest_prototypes`` the prototype itself.
 
+    covariance="shared" (Mahalanobis with Ledoit-Wolf only) gives every prototype one precision instead:
+    Ledoit-Wolf on the residuals of all prototypes' images, each about its own prototype's mean, as in
+    linear discriminant analysis. That precision changes as prototypes arrive, so the router keeps each
+    prototype's training features (G numbers per image) and refits the precision and every threshold
+    when one is added.
+
     Each prototype also gets an acceptance threshold: the ``accept_quantile`` of its own training images'
     distances, each measured to a prototype fitted without it (``folds``-fold cross-fitting, so the
     threshold reflects unseen images of the task while the prototype still uses every image). An image
     farther than its nearest task's threshold is ``unknown`` (``route_or_unknown``).
     """
 
-    def __init__(self, *, metric="mahalanobis", reg=1e-5, shrinkage=None, dtype=torch.float32,
+    def __init__(self, *, metric="mahalanobis", reg=1e-5, shrinkage=None, covariance="task", dtype=torch.float32,
                  accept_quantile=0.99, folds=5):
         if metric not in ("mahalanobis", "euclidean"):
             raise ValueError(f"metric must be 'mahalanobis' or 'euclidean', got {metric!r}")
         if shrinkage not in (None, "ledoit_wolf"):
             raise ValueError(f"shrinkage must be None or 'ledoit_wolf', got {shrinkage!r}")
-        self.metric, self.reg, self.shrinkage, self.dtype = metric, reg, shrinkage, dtype
-        self.accept_quantile, self.folds = accept_quantile, folds
+        if covariance not in ("task", "shared"):
+            raise ValueError(f"covariance must be 'task' or 'shared', got {covariance!r}")
+        if covariance == "shared" and (metric, shrinkage) != ("mahalanobis", "ledoit_wolf"):
+            raise ValueError("a shared covariance needs metric 'mahalanobis' with shrinkage 'ledoit_wolf'")
+        self.metric, self.reg, self.shrinkage, self.covariance = metric, reg, shrinkage, covariance
+        self.dtype, self.accept_quantile, self.folds = dtype, accept_quantile, folds
         self.tasks, self.means, self.precisions, self.thresholds = [], [], [], []
         self.owners = []  # the task of each prototype (its own name for a task's prototype)
+        self.features = []  # shared covariance: each prototype's training features
+        self.shared_precision = None
 
     def add_task(self, name, feats, *, task=None):
         """Store prototype ``name`` from its normal training features (N, G); it routes to ``task``
@@ -47,17 +59,34 @@ class PrototypeRouter:
         self.tasks.append(name)
         self.owners.append(name if task is None else task)
         self.means.append(feats.mean(dim=0).to(self.dtype))
+        if self.covariance == "shared":
+            self.features.append(feats.to(self.dtype))
+            self._refit_shared()
+            return
         if self.metric == "mahalanobis":
             self.precisions.append(self._precision(feats).to(self.dtype))
         self.thresholds.append(self._threshold(feats))
 
-    def _precision(self, feats):  # (N, G) float64 -> (G, G)
+    def _precision(self, feats, centred=False):  # (N, G) float64 -> (G, G)
         if self.shrinkage == "ledoit_wolf":
-            cov = torch.from_numpy(LedoitWolf().fit(feats.numpy()).covariance_)
+            cov = torch.from_numpy(LedoitWolf(assume_centered=centred).fit(feats.numpy()).covariance_)
         else:
             cov = torch.cov(feats.T)
         eye = torch.eye(feats.shape[1], dtype=torch.float64)
         return torch.linalg.inv(cov.reshape(eye.shape) + self.reg * eye)
+
+    def _refit_shared(self):
+        """The shared precision from every prototype's residuals, and every threshold again: each fold of
+        a prototype's images measured against the mean of the rest, under the precision of the other
+        prototypes' residuals and the rest's."""
+        feats = [f.double() for f in self.features]
+        residuals = [f - f.mean(dim=0) for f in feats]
+        self.shared_precision = self._precision(torch.cat(residuals), centred=True).to(self.dtype)
+        self.thresholds = []
+        for i, own in enumerate(feats):
+            others = residuals[:i] + residuals[i + 1:]
+            self.thresholds.append(self._threshold(own, lambda rest: self._precision(
+                torch.cat(others + [rest - rest.mean(dim=0)]), centred=True)))
 
     def _distance(self, feats, mean, precision):  # (B, G), (G,), (G, G) or None -> (B,)
         diff = feats - mean
@@ -65,8 +94,9 @@ class PrototypeRouter:
             return diff.norm(dim=-1)
         return torch.einsum("bg,gh,bh->b", diff, precision, diff).clamp_min(0).sqrt()
 
-    def _threshold(self, feats) -> float | None:
-        """The accept_quantile of out-of-fold distances (None with fewer than 2 images per fold)."""
+    def _threshold(self, feats, precision_of=None) -> float | None:
+        """The accept_quantile of out-of-fold distances (None with fewer than 2 images per fold);
+        ``precision_of(rest)``: the precision a fold is measured under (default: the rest's own)."""
         n = len(feats)
         folds = min(self.folds, n // 2)
         if folds < 2:
@@ -75,7 +105,9 @@ class PrototypeRouter:
         held_out = []
         for k in range(folds):
             held, rest = order[k::folds], torch.cat([order[j::folds] for j in range(folds) if j != k])
-            precision = self._precision(feats[rest]) if self.metric == "mahalanobis" else None
+            precision = None
+            if self.metric == "mahalanobis":
+                precision = (precision_of or self._precision)(feats[rest])
             held_out.append(self._distance(feats[held], feats[rest].mean(dim=0), precision))
         return float(torch.quantile(torch.cat(held_out), self.accept_quantile))
 
@@ -87,6 +119,9 @@ class PrototypeRouter:
         diff = feats[:, None, :] - torch.stack(self.means).double()[None]  # (B, T, G)
         if self.metric == "euclidean":
             return diff.norm(dim=-1)
+        if self.covariance == "shared":
+            squared = torch.einsum("btg,gh,bth->bt", diff, self.shared_precision.double(), diff)
+            return squared.clamp_min(0).sqrt()
         precision = torch.stack(self.precisions).double()  # (T, G, G)
         squared = torch.einsum("btg,tgh,bth->bt", diff, precision, diff)
         return squared.clamp_min(0).sqrt()
@@ -115,21 +150,29 @@ class PrototypeRouter:
         return out
 
     def state_dict(self):
-        return {"config": dict(metric=self.metric, reg=self.reg, shrinkage=self.shrinkage,
+        return {"config": dict(metric=self.metric, reg=self.reg, shrinkage=self.shrinkage, covariance=self.covariance,
                                accept_quantile=self.accept_quantile, folds=self.folds),
                 "tasks": list(self.tasks), "owners": list(self.owners), "means": [m.clone() for m in self.means],
-                "precisions": [p.clone() for p in self.precisions], "thresholds": list(self.thresholds)}
+                "precisions": [p.clone() for p in self.precisions], "thresholds": list(self.thresholds),
+                "features": [f.clone() for f in self.features],
+                "shared_precision": None if self.shared_precision is None else self.shared_precision.clone()}
 
     def load_state_dict(self, state):
         config = state["config"]
         self.metric, self.reg, self.shrinkage = (config[k] for k in ("metric", "reg", "shrinkage"))
+        self.covariance = config.get("covariance", "task")
         self.accept_quantile = config.get("accept_quantile", self.accept_quantile)
         self.tasks = list(state["tasks"])
         self.owners = list(state.get("owners") or self.tasks)
         self.means = [m.clone() for m in state["means"]]
         self.precisions = [p.clone() for p in state["precisions"]]
         self.thresholds = list(state.get("thresholds") or [None] * len(self.tasks))  # older runs: never unknown
+        self.features = [f.clone() for f in state.get("features") or []]
+        shared = state.get("shared_precision")
+        self.shared_precision = None if shared is None else shared.clone()
 
     def memory_bytes(self):
-        """Bytes held by the prototypes (means and precision matrices)."""
-        return sum(t.numel() * t.element_size() for t in self.means + self.precisions)
+        """Bytes held by the prototypes (means, precision matrices and, with a shared covariance, the
+        training features it is refitted from)."""
+        shared = [] if self.shared_precision is None else [self.shared_precision]
+        return sum(t.numel() * t.element_size() for t in self.means + self.precisions + self.features + shared)

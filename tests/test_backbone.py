@@ -151,6 +151,13 @@ def test_unfold_extractor_on_the_offline_backbone():
         FeatureExtractor(backbone="efficientnet_lite0", grid=14, aggregation="unfold")(images)
 
 
+def test_the_mean_and_std_router_feature_summarises_the_patch_features_over_the_grid():
+    extractor = FeatureExtractor(backbone="efficientnet_lite0", grid=7, feature_dim=16, router_feature="patch_mean_std")
+    patches, pooled = extractor(torch.rand(2, 3, 64, 64) * 255)
+    assert pooled.shape == (2, 32)
+    torch.testing.assert_close(pooled, torch.cat([patches.mean(dim=(2, 3)), patches.std(dim=(2, 3))], dim=1))
+
+
 def test_backbone_weight_tags():
     assert split_backbone("wide_resnet50_2.racm_in1k") == ("wide_resnet50_2", "racm_in1k")
     assert split_backbone("efficientnet_lite0") == ("efficientnet_lite0", None)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from decoflow_core import train
 from decoflow_core.cli import main, resume_command
+from decoflow_core.config import ConfigError, make_config
 from decoflow_core.files import read_json
 
 
@@ -113,6 +114,13 @@ def test_nonsense_settings_are_refused_before_any_feature_is_extracted(tiny_tree
     line = error_line(capsys)
     assert f"--set {pair.split('=')[0]}=" in line and named in line
     assert not cache.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_shared_router_covariance_needs_the_ledoit_wolf_mahalanobis_router():
+    for other in ({"router_shrinkage": "none"}, {"router_metric": "euclidean"}):
+        with pytest.raises(ConfigError, match="--set router_covariance=shared: needs router_metric=mahalanobis"):
+            make_config("cpu", {"router_covariance": "shared", **other})
+    assert make_config("cpu", {"router_covariance": "shared"}).router_covariance == "shared"
 
 
 def test_a_diverging_task_stops_with_what_to_try_and_resumes_with_a_lower_lr(tree, smoke_args, tmp_path, capsys,

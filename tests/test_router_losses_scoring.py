@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from decoflow_core.analysis import routing
 from decoflow_core.losses import patch_nll, tail_aware_loss
 from decoflow_core.router import PrototypeRouter
 from decoflow_core.scoring import anomaly_map, gaussian_blur, image_score
@@ -173,3 +174,35 @@ def test_the_acceptance_threshold_is_a_quantile_of_out_of_fold_distances():
     old = PrototypeRouter(metric="euclidean")
     old.load_state_dict(state)
     assert old.route_or_unknown(torch.tensor([[1e6]], dtype=torch.float64))[0]["task"] == "line"
+
+
+def test_a_shared_covariance_router_refits_one_precision_and_every_threshold_as_tasks_arrive():
+    """covariance="shared": one Ledoit-Wolf precision of all tasks' residuals (each image minus its own
+    task's mean), refitted with every task, and the thresholds with it; equal to the router comparison's
+    shared candidate; saved and loaded unchanged; a category never learned is unknown."""
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.ones(8)
+    scale[0] = 10.0
+    tasks = {name: torch.randn(40, 8, generator=gen, dtype=torch.float64) * scale + shift
+             for name, shift in (("a", 0.0), ("b", 3.0), ("c", -3.0))}
+    router = PrototypeRouter(metric="mahalanobis", shrinkage="ledoit_wolf", covariance="shared", accept_quantile=0.99)
+    router.add_task("a", tasks["a"])
+    router.add_task("b", tasks["b"])
+    before = list(router.thresholds)
+    router.add_task("c", tasks["c"])
+    assert len(router.thresholds) == 3 and router.thresholds[:2] != before  # refitted with the new residuals
+    query = torch.randn(30, 8, generator=gen, dtype=torch.float64) * scale + 3.0
+    fit = routing.routers(1e-5)[routing.SHARED]
+    expected, _ = fit({name: {"pooled": feats, "patch": None} for name, feats in tasks.items()})
+    torch.testing.assert_close(router.distances(query), expected({"pooled": query}), rtol=1e-5, atol=1e-6)
+
+    loaded = PrototypeRouter()
+    loaded.load_state_dict(router.state_dict())
+    assert loaded.route_or_unknown(query) == router.route_or_unknown(query)
+    own = router.route_or_unknown(torch.randn(400, 8, generator=gen, dtype=torch.float64) * scale)  # unseen images of a
+    assert np.mean([d["task"] == "unknown" for d in own]) < 0.05
+    stranger = router.route_or_unknown(torch.randn(100, 8, generator=gen, dtype=torch.float64) * scale + 40)
+    assert np.mean([d["task"] == "unknown" for d in stranger]) > 0.95
+    assert router.memory_bytes() == (3 * 8 + 120 * 8 + 8 * 8) * 4  # means, the features kept, one precision
+    with pytest.raises(ValueError, match="shared covariance needs"):
+        PrototypeRouter(metric="euclidean", covariance="shared")

@@ -127,8 +127,9 @@ def _statistic_router(statistic, reg: float):
 def _shared_router(statistic, reg: float):
     """Mahalanobis to each task's mean of ``statistic(features) -> (N, G)`` under one precision shared by
     all tasks: Ledoit-Wolf on every task's training residuals (each image minus its own task's mean), as
-    in linear discriminant analysis. A task keeps only its mean; the shared (G, G) precision changes as
-    tasks are added (its memory, divided by the task count, is counted per task)."""
+    in linear discriminant analysis. The precision changes as tasks are added, so the router keeps every
+    training image's statistic to refit it (as ``PrototypeRouter(covariance="shared")``); memory per task:
+    its mean and statistics, and the shared precision divided by the task count."""
     def fit(train: dict):
         stats = [statistic(feats) for feats in train.values()]
         means = [x.mean(0) for x in stats]
@@ -139,7 +140,8 @@ def _shared_router(statistic, reg: float):
         def distances(feats):
             x = statistic(feats)
             return torch.stack([_mahalanobis(x, mean, precision) for mean in means], 1)
-        return distances, (sum(m.numel() for m in means) + precision.numel()) * 4 / len(means)
+        kept = sum(m.numel() for m in means) + sum(x.numel() for x in stats) + precision.numel()
+        return distances, kept * 4 / len(means)
     return fit
 
 

@@ -52,7 +52,7 @@ class Learner:
     def __init__(self, config: Config, dim: int, device: str):
         self.config, self.dim, self.device = config, dim, device
         self.router = PrototypeRouter(metric=config.router_metric, reg=config.router_reg,
-                                      shrinkage=config.router_shrinkage,
+                                      shrinkage=config.router_shrinkage, covariance=config.router_covariance,
                                       accept_quantile=config.router_accept_quantile) if self.uses_router else None
 
     def prepare_task(self, task: str, features: dict, *, seed: int) -> TrainingPlan | None:

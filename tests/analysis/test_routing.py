@@ -127,4 +127,4 @@ def test_shared_covariance_router_pools_the_tasks_residuals():
     query = features["t2"].test["pooled"].numpy()
     expected = np.stack([np.sqrt(np.einsum("bg,gh,bh->b", query - m, precision, query - m)) for m in means], 1)
     np.testing.assert_allclose(distances(features["t2"].test).numpy(), expected, rtol=1e-9)
-    assert memory == (4 * dims + dims * dims) * 4 / 4  # the means and one shared precision, per task
+    assert memory == (4 * dims + 40 * dims + dims * dims) * 4 / 4  # means, the statistics kept, one precision
