@@ -75,7 +75,7 @@ select: $(STAMP)
 select-router: $(STAMP)
 	for data in embedded boards $(REAL_AD) $(SIMILAR); do \
 	  name=$$(basename $$data); \
-	  $(PY) -m decoflow_core run --data $$data --set val_fraction=0.2 --resume --out runs/selection/router-$$name > /dev/null || exit 1; \
+	  $(PY) -m decoflow_core run --data $$data --set val_fraction=0.2 --set num_threads=1 --resume --out runs/selection/router-$$name > /dev/null || exit 1; \
 	  $(PY) -m decoflow_core.analysis.routing runs/selection/router-$$name --data $$data --out results/selection_router_$$name.csv || exit 1; \
 	done
 

@@ -227,6 +227,7 @@ def test_06_routing_confusion(executed):
     assert all(is_fraction(v[k]) for k in v if k.startswith(("compare/", "run/")))
     assert {k.split("/")[1] for k in v if k.startswith("compare/")} == {"this stream", "boards"}
     assert "compare/boards/each task's flow, standardised" in v
+    assert "compare/boards/shared Ledoit-Wolf covariance, mean and std over the grid" in v
     # with the true task id nothing is forgotten, on either stream
     assert v["run/this stream/oracle_FM"] == 0 and v["run/boards/oracle_FM"] == 0
 
