@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from timm.optim import AdamP
 from tqdm.auto import tqdm
 
 from . import files
@@ -35,6 +34,7 @@ from .features import array_features, extract_features
 from .learners import METHODS, Learner, make_learner
 from .losses import training_loss
 from .metrics import backward_transfer, forgetting, image_ap, image_auroc, image_auroc_by_type, pixel_metrics
+from .optim import AdamP
 from .router import UNKNOWN
 from .scenarios import StreamError, task_name, task_stream
 from .scoring import image_score, pixel_maps
