@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 from scipy import ndimage
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from decoflow_core.metrics import (
     aupro,
@@ -12,6 +13,7 @@ from decoflow_core.metrics import (
     image_auroc,
     image_auroc_by_type,
     pixel_auroc_ap,
+    pixel_metrics,
 )
 
 NAN = float("nan")
@@ -55,7 +57,6 @@ def test_auroc_and_pixel_metrics():
 
 
 def test_pixel_metrics_equal_sklearn_with_ties():
-    from sklearn.metrics import average_precision_score, roc_auc_score
     rng = np.random.default_rng(0)
     masks = rng.random((5, 16, 16)) < 0.1
     maps = np.round(rng.normal(size=(5, 16, 16)) + masks, 1)  # rounding makes many ties
@@ -181,6 +182,19 @@ def test_aupro_equals_a_slow_threshold_loop_with_ties(seed, fpr_limit):
     masks = rng.random((3, 9, 8)) < 0.25  # many small regions, some touching only diagonally
     maps = np.round(rng.normal(size=masks.shape) + 1.5 * masks, 1)  # rounding makes many ties
     assert abs(aupro(masks, maps, fpr_limit) - slow_aupro(masks, maps, fpr_limit)) < 1e-9
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pixel_metrics_sort_once_and_equal_the_separate_metrics_and_sklearn(dtype):
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    rng = np.random.default_rng(3)
+    masks = rng.random((4, 16, 16)) < 0.1
+    maps = np.round(rng.normal(size=masks.shape) + masks, 2).astype(dtype)  # ties between the two classes
+    got = pixel_metrics(masks, maps)
+    assert (got["pixel_auroc"], got["pixel_ap"]) == pixel_auroc_ap(masks, maps)
+    assert got["aupro"] == aupro(masks, maps) == pytest.approx(slow_aupro(masks, maps), abs=1e-9)
+    assert got["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert got["pixel_ap"] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-12)
 
 
 def test_aupro_ignores_the_curve_beyond_the_fpr_limit():
