@@ -21,6 +21,12 @@ from ..scenarios import task_name
 from ..train import load_task
 
 
+def router_options(config) -> dict:
+    """The settings of a config's router (``PrototypeRouter`` keywords), for analyses of the kit's router."""
+    return dict(metric=config.router_metric, shrinkage=config.router_shrinkage, reg=config.router_reg,
+                covariance=config.router_covariance)
+
+
 def routing_confusion(train: dict, test: dict, **router_options) -> tuple[np.ndarray, float]:
     """(confusion counts true x routed, accuracy) of a PrototypeRouter fit on ``train`` pooled features
     and tested on ``test`` ({task: (N, G)}, same task order)."""
@@ -60,14 +66,23 @@ def unknown_category_rates(train: dict, test: dict, *, held_out: float = 0.1, se
         order = torch.randperm(len(feats), generator=generator)
         n = max(1, round(held_out * len(feats)))
         spare[task], keep[task] = feats[order[:n]], feats[order[n:]]
-    router = PrototypeRouter(**router_options)  # a task's prototype and threshold do not depend on the others
-    for task, feats in keep.items():
-        router.add_task(task, feats)
-    limits = torch.tensor([np.inf if t is None else t for t in router.thresholds], dtype=torch.float64)
+    def fit(tasks):
+        router = PrototypeRouter(**router_options)
+        for task in tasks:
+            router.add_task(task, keep[task])
+        return router
+
+    router = fit(keep)
+    shared = router.covariance == "shared"  # then every prototype's precision and threshold depend on the others
     rows = []
     for k, task in enumerate(train):
-        distances = router.distances(test[task])
-        distances[:, k] = np.inf  # the router that never learned this task
+        if shared:  # the router that never learned this task, fitted without it
+            without = fit([t for t in keep if t != task])
+            distances, limits = without.distances(test[task]), without.thresholds
+        else:  # per-task prototypes: the full router with this task's column left out is that router
+            distances, limits = router.distances(test[task]), router.thresholds
+            distances[:, k] = np.inf
+        limits = torch.tensor([np.inf if t is None else t for t in limits], dtype=torch.float64)
         nearest, index = distances.min(dim=1)
         never_learned = (nearest > limits[index]).double().mean()
         rejected = np.mean([d["task"] == UNKNOWN for d in router.route_or_unknown(spare[task])])

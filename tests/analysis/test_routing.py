@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from decoflow_core.analysis import routing
+from decoflow_core.config import make_config
 
 
 def two_tasks(seed=0):
@@ -33,15 +34,23 @@ def test_row_normalise():
     np.testing.assert_allclose(routing.row_normalise([[3, 1], [0, 0]]), [[0.75, 0.25], [0.0, 0.0]])
 
 
-def test_unknown_category_rates_of_separated_and_of_overlapping_tasks():
+@pytest.mark.parametrize("covariance", ["task", "shared"])
+def test_unknown_category_rates_of_separated_and_of_overlapping_tasks(covariance):
     gen = torch.Generator().manual_seed(0)
     centres = {"a": 0.0, "b": 10.0, "c": 20.0, "twin_of_c": 20.0}
     train = {t: torch.randn(100, 4, generator=gen) + c for t, c in centres.items()}
     test = {t: torch.randn(50, 4, generator=gen) + c for t, c in centres.items()}
-    rates = routing.unknown_category_rates(train, test, metric="mahalanobis", shrinkage="ledoit_wolf").set_index("task")
+    rates = routing.unknown_category_rates(train, test, metric="mahalanobis", shrinkage="ledoit_wolf",
+                                           covariance=covariance).set_index("task")
     assert rates.loc["a", "unknown when never learned"] > 0.95 and rates.loc["b", "unknown when never learned"] > 0.95
     assert rates.loc["c", "unknown when never learned"] < 0.2  # its twin accepts it: a look-alike is not unknown
     assert (rates["false rejection (held-out good)"] < 0.2).all()
+
+
+def test_router_options_are_the_configs_router():
+    config = make_config("cpu", {"router_covariance": "shared", "router_reg": "1e-4"})
+    assert routing.router_options(config) == dict(metric="mahalanobis", shrinkage="ledoit_wolf", reg=1e-4,
+                                                  covariance="shared")
 
 
 def test_compare_routers_on_tasks_told_apart_by_their_patches_and_not_their_means():
