@@ -1,6 +1,6 @@
 """The package's layers: every module imports, every import points downward, and none forms a cycle.
 
-From the bottom: the method (config, scenarios, data, features, flow, model, losses, router, scoring, metrics,
+From the bottom: the method (config, scenarios, data, features, flow, model, losses, optim, router, scoring, metrics,
 ...), the data generators (``datasets``), the learners (``learners``; the registry in its
 ``__init__`` is imported by none of them), the trainer (``train``), reading and costing runs
 (``report``, ``bench``), the notebook layer (``analysis``), and the command line on top.
@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "decoflow_core"
 LAYERS = [  # (layer name, module prefixes), bottom first
-    ("method", ("config", "files", "data", "backbone", "features", "flow", "model", "losses", "router",
+    ("method", ("config", "files", "data", "backbone", "features", "flow", "model", "losses", "optim", "router",
                 "scoring", "metrics", "official", "settings", "scenarios")),
     ("data generators", ("datasets",)),
     ("learners", ("learners",)),
