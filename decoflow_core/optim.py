@@ -72,8 +72,9 @@ class AdamP(torch.optim.Optimizer):
                                           weight.reshape(len(members), shape[0], -1), dim=2, eps=group["eps"]).abs_()
             layer = F.cosine_similarity(grad.reshape(len(members), -1), weight.reshape(len(members), -1), dim=1,
                                         eps=group["eps"]).abs_()
-            per_channel = (channel.max(dim=1).values < group["delta"] / math.sqrt(weight[0].numel() / shape[0])).tolist()
-            whole = (layer < group["delta"] / math.sqrt(weight[0].numel())).tolist()
+            size, delta = weight[0].numel(), group["delta"]
+            per_channel = (channel.max(dim=1).values < delta / math.sqrt(size / shape[0])).tolist()
+            whole = (layer < delta / math.sqrt(size)).tolist()
             for k, i in enumerate(members):
                 if per_channel[k] or whole[k]:
                     _remove_radial(params[i], perturbs[i], per_channel[k], group["eps"])
