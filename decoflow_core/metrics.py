@@ -61,7 +61,7 @@ class PixelScores:
 
     Defect-free scores are sorted on their own (a plain sort of millions of values), defect pixels by an
     argsort of their far smaller number; every count of scores above a threshold is then a binary search,
-    and tied scores form one threshold. ``scores`` keeps float32 maps exact (a float64 map stays float64).
+    and tied scores form one threshold. float32 maps are kept exact (any other dtype becomes float64).
     """
 
     def __init__(self, masks, maps):
@@ -70,7 +70,7 @@ class PixelScores:
         scores = scores if scores.dtype == np.float32 else scores.astype(np.float64)
         if truth.shape != scores.shape:
             raise ValueError(f"masks and maps must have one shape, got {truth.shape} and {scores.shape}")
-        self.truth, self.scores = truth, scores
+        self.truth = truth
         self.normal = np.sort(scores[~truth])  # ascending
         defect = scores[truth]
         self.defect_order = np.argsort(defect, kind="stable")
