@@ -241,6 +241,11 @@ class FeatureExtractor(nn.Module):
               else torch.zeros(self.dim, grid, grid))
         self.register_buffer("pos", pe * pe_scale)
 
+    @property
+    def pooled_dim(self) -> int:
+        """G, the number of values of the pooled router feature."""
+        return {"backbone": self.raw_dim, "patch": self.dim, "patch_mean_std": 2 * self.dim}[self.router_feature]
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.body.eval()  # batch-norm statistics stay ImageNet's
@@ -248,7 +253,15 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images: (B, 3, S, S) float on the 0..255 scale -> ((B, D, g, g), (B, raw_dim or D))."""
+        """images: (B, 3, S, S) float on the 0..255 scale -> ((B, D, g, g), (B, G)): the patch features
+        and the pooled feature named by ``router_feature``."""
+        patches, pooled = self.all_features(images)
+        return patches, pooled[self.router_feature]
+
+    @torch.no_grad()
+    def all_features(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The patch features and every pooled feature of ``ROUTER_FEATURES``, {name: (B, G)}, from one
+        pass of the backbone (the feature cache keeps them all)."""
         x = (images - self.mean) / self.std
         stages = self.body(x)
         if self.aggregation == "unfold":
@@ -265,9 +278,8 @@ class FeatureExtractor(nn.Module):
                 b, c, g, _ = patches.shape
                 flat = patches.permute(0, 2, 3, 1).reshape(b * g * g, 1, c)
                 patches = F.adaptive_avg_pool1d(flat, self.dim).reshape(b, g, g, self.dim).permute(0, 3, 1, 2)
-        if self.router_feature == "patch":
-            pooled = patches.mean(dim=(2, 3))  # (B, D), before P
+        pooled = {"backbone": pooled, "patch": patches.mean(dim=(2, 3))}  # (B, raw_dim), (B, D) before P
         patches = patches + self.pos
-        if self.router_feature == "patch_mean_std":  # (B, 2D): mean and std of every channel over the grid, after P
-            pooled = torch.cat([patches.mean(dim=(2, 3)), patches.std(dim=(2, 3))], dim=1)
+        # (B, 2D): mean and std of every channel over the grid, after P
+        pooled["patch_mean_std"] = torch.cat([patches.mean(dim=(2, 3)), patches.std(dim=(2, 3))], dim=1)
         return patches, pooled

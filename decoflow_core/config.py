@@ -117,7 +117,8 @@ PROFILES: dict[str, dict] = {
     # the AUROC against synthetic defects; task_lr and then epochs by validation NLL (epochs bounded by the
     # 10-minute budget of the embedded run); last, the independent baseline's lr by validation NLL.
     "cpu": dict(backbone="efficientnet_lite0", feature_dim=None, hidden_ratio=0.5, rank=16, standardize=False,
-                epochs=16, batch_size=16, lr=1e-3, task_lr=1e-2, independent_lr=3e-3, eval_size=128),
+                epochs=16, batch_size=16, lr=1e-3, task_lr=1e-2, independent_lr=3e-3, eval_size=128,
+                router_feature="patch_mean_std", router_covariance="shared"),
     # the official code at its run.sh settings; every value is cited in docs/official.md
     "official": dict(backbone="wide_resnet50_2.racm_in1k", image_resize="lanczos", grid=28, aggregation="unfold",
                      feature_dim=768, pe_order="columns_first", lora_alpha=1.0, lora_init="xavier", lora_task_bias=True,

@@ -1,9 +1,28 @@
 """Prototype-based task routing (Sec. 3.8): pick the task whose feature prototype is nearest, and call
 an image that lies outside every task's accepted distance ``unknown``."""
 import torch
-from sklearn.covariance import LedoitWolf
 
 UNKNOWN = "unknown"
+
+
+def residual_sums(residuals):
+    """(X^T X, sum of ||x||^4, N) of residuals X (N, G): the sums Ledoit-Wolf needs, which add over samples."""
+    return residuals.T @ residuals, residuals.pow(2).sum(dim=1).pow(2).sum(), len(residuals)
+
+
+def ledoit_wolf(gram, fourth, n):
+    """The Ledoit-Wolf covariance of N residuals from ``residual_sums`` (the estimate of sklearn's
+    ``LedoitWolf(assume_centered=True)``): (1 - c) S + c mu I, S = X^T X / N, mu = trace(S) / G, with the
+    shrinkage c = min(beta, delta) / delta, delta = (||X^T X||^2 / N^2 - G mu^2) / G and
+    beta = (sum ||x||^4 / N - ||X^T X||^2 / N^2) / (G N)."""
+    dims = gram.shape[0]
+    emp = gram / n
+    mu = torch.trace(emp) / dims
+    squared = gram.pow(2).sum() / n ** 2
+    delta = float((squared - dims * mu ** 2) / dims)
+    beta = min(float((fourth / n - squared) / (dims * n)), delta)
+    shrinkage = 0.0 if beta == 0 else beta / delta
+    return (1 - shrinkage) * emp + shrinkage * mu * torch.eye(dims, dtype=emp.dtype)
 
 
 class PrototypeRouter:
@@ -67,26 +86,27 @@ class PrototypeRouter:
             self.precisions.append(self._precision(feats).to(self.dtype))
         self.thresholds.append(self._threshold(feats))
 
-    def _precision(self, feats, centred=False):  # (N, G) float64 -> (G, G)
+    def _precision(self, feats):  # (N, G) float64 -> (G, G)
         if self.shrinkage == "ledoit_wolf":
-            cov = torch.from_numpy(LedoitWolf(assume_centered=centred).fit(feats.numpy()).covariance_)
-        else:
-            cov = torch.cov(feats.T)
-        eye = torch.eye(feats.shape[1], dtype=torch.float64)
-        return torch.linalg.inv(cov.reshape(eye.shape) + self.reg * eye)
+            return self._inverse(ledoit_wolf(*residual_sums(feats - feats.mean(dim=0))))
+        return self._inverse(torch.cov(feats.T).reshape(feats.shape[1], feats.shape[1]))
+
+    def _inverse(self, cov):
+        return torch.linalg.inv(cov + self.reg * torch.eye(cov.shape[0], dtype=torch.float64))
 
     def _refit_shared(self):
         """The shared precision from every prototype's residuals, and every threshold again: each fold of
         a prototype's images measured against the mean of the rest, under the precision of the other
         prototypes' residuals and the rest's."""
         feats = [f.double() for f in self.features]
-        residuals = [f - f.mean(dim=0) for f in feats]
-        self.shared_precision = self._precision(torch.cat(residuals), centred=True).to(self.dtype)
+        sums = [residual_sums(f - f.mean(dim=0)) for f in feats]
+        total = [sum(parts) for parts in zip(*sums)]
+        self.shared_precision = self._inverse(ledoit_wolf(*total)).to(self.dtype)
         self.thresholds = []
-        for i, own in enumerate(feats):
-            others = residuals[:i] + residuals[i + 1:]
-            self.thresholds.append(self._threshold(own, lambda rest: self._precision(
-                torch.cat(others + [rest - rest.mean(dim=0)]), centred=True)))
+        for own, mine in zip(feats, sums):
+            others = [t - m for t, m in zip(total, mine)]
+            self.thresholds.append(self._threshold(own, lambda rest: self._inverse(ledoit_wolf(*(
+                o + r for o, r in zip(others, residual_sums(rest - rest.mean(dim=0))))))))
 
     def _distance(self, feats, mean, precision):  # (B, G), (G,), (G, G) or None -> (B,)
         diff = feats - mean

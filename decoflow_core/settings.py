@@ -77,7 +77,7 @@ SETTINGS = [
      "a batch with a NaN loss or a loss > 1e8 is skipped", "continual_trainer.py:1260-1261"),
     ("Baseline `independent`'s lr", ("independent_lr",), "not stated",
      "no such baseline", ""),
-    ("Router", ("router_metric", "router_reg", "router_shrinkage"), "Mahalanobis, Sigma + 1e-5 I (Sec. 3.8)",
+    ("Router", ("router_metric", "router_reg", "router_shrinkage", "router_covariance"), "Mahalanobis, Sigma + 1e-5 I (Sec. 3.8)",
      "Mahalanobis, sample covariance + 1e-5 I", "routing.py:43-110"),
     ("Router feature", ("router_feature",), "global average pooled backbone output (Sec. 3.8)",
      "grid mean of the 768-d features without PE", "cnn_extractor.py:285-296"),

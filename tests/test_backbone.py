@@ -14,7 +14,7 @@ from decoflow_core.backbone import (
     split_backbone,
     unfold_aggregate,
 )
-from decoflow_core.features import extract_features
+from decoflow_core.features import extract_features, load_batch, pooled_key
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,26 @@ def test_feature_cache_hits_and_misses(lite0, tmp_path):
     second = extract_features(lite0, paths, cache_dir=cache)
     assert not first["cached"] and second["cached"]
     assert torch.equal(first["patch"], second["patch"]) and torch.equal(first["pooled"], second["pooled"])
+    # one entry holds every router feature: another extractor's choice reads the same entry
+    other = FeatureExtractor(backbone="efficientnet_lite0", router_feature="patch_mean_std")
+    third = extract_features(other, paths, cache_dir=cache)
+    assert third["cached"] and torch.equal(third["pooled"], first[pooled_key("patch_mean_std")])
+    assert torch.equal(third[pooled_key("backbone")], first["pooled"])
+    assert torch.allclose(other(load_batch(paths, 224))[1], third["pooled"], atol=1e-5)
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(paths[0])
     assert not extract_features(lite0, paths, cache_dir=cache)["cached"]
+
+
+def test_a_cache_entry_without_every_router_feature_is_extracted_again(lite0, tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(path)
+    cache = tmp_path / "cache"
+    extract_features(lite0, [path], cache_dir=cache)
+    (entry,) = cache.iterdir()
+    stored = torch.load(entry, weights_only=True)
+    torch.save({"patch": stored["patch"], "pooled": stored["pooled_by_feature"]["backbone"]}, entry)
+    assert not extract_features(lite0, [path], cache_dir=cache)["cached"]
+    assert "pooled_by_feature" in torch.load(entry, weights_only=True)
 
 
 def test_pe_scale_multiplies_the_encoding_and_keys_the_cache(lite0, tmp_path):
@@ -143,7 +161,7 @@ def test_unfold_extractor_on_the_offline_backbone():
                                  router_feature="patch")
     images = torch.rand(2, 3, 224, 224) * 255
     patches, pooled = extractor(images)
-    assert patches.shape == (2, 64, 28, 28) and pooled.shape == (2, 64)
+    assert patches.shape == (2, 64, 28, 28) and pooled.shape == (2, 64) and extractor.pooled_dim == 64
     assert torch.allclose((patches - extractor.pos).mean(dim=(2, 3)), pooled, atol=1e-5)
     stages = extractor.body((images - extractor.mean) / extractor.std)
     assert torch.allclose(patches - extractor.pos, unfold_aggregate(stages, 64).permute(0, 3, 1, 2), atol=1e-5)
@@ -154,7 +172,7 @@ def test_unfold_extractor_on_the_offline_backbone():
 def test_the_mean_and_std_router_feature_summarises_the_patch_features_over_the_grid():
     extractor = FeatureExtractor(backbone="efficientnet_lite0", grid=7, feature_dim=16, router_feature="patch_mean_std")
     patches, pooled = extractor(torch.rand(2, 3, 64, 64) * 255)
-    assert pooled.shape == (2, 32)
+    assert pooled.shape == (2, 32) and extractor.pooled_dim == 32
     torch.testing.assert_close(pooled, torch.cat([patches.mean(dim=(2, 3)), patches.std(dim=(2, 3))], dim=1))
 
 

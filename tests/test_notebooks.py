@@ -17,7 +17,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from decoflow_core.analysis import pipeline
+from decoflow_core.analysis import pipeline, routing
 from decoflow_core.config import make_config
 from decoflow_core.datasets.embedded import EMBEDDED_CATEGORIES
 
@@ -215,19 +215,18 @@ def test_06_routing_confusion(executed):
     for key in ("accuracy/Mahalanobis, Ledoit-Wolf", "accuracy/Mahalanobis, sample covariance", "accuracy/Euclidean"):
         assert is_fraction(v[key]), key
     # the notebook's router and the run's router see the same features and must agree exactly
-    assert v["kit_router_accuracy"] == v["run_routing_accuracy"]
-    assert v["kit_router_accuracy"] == v["accuracy/Mahalanobis, Ledoit-Wolf"]
+    assert v["kit_router_accuracy"] == v["run_routing_accuracy"] == v["accuracy/kit"]
     assert (v["routing_errors"] == 0) == (v["kit_router_accuracy"] == 1.0)
     # distinct categories: an unlearned one is mostly unknown, held-out good images are mostly accepted
     assert v["unknown/never_learned_mean"] > 0.5 and v["unknown/false_rejection_mean"] < 0.5
     # the comparison's kit row is the kit's router on the same features, and the runs' own routers agree
-    assert v["compare/this stream/Mahalanobis, Ledoit-Wolf (kit)"] == v["accuracy/Mahalanobis, Ledoit-Wolf"]
+    assert v["compare/this stream/" + routing.KIT] == v["kit_router_accuracy"]
+    assert v["compare/this stream/" + routing.PER_TASK] == v["accuracy/Mahalanobis, Ledoit-Wolf"]
     assert v["run/this stream/routing"] == v["kit_router_accuracy"]
-    assert v["run/boards/routing"] == v["compare/boards/Mahalanobis, Ledoit-Wolf (kit)"]
+    assert v["run/boards/routing"] == v["compare/boards/" + routing.KIT]
     assert all(is_fraction(v[k]) for k in v if k.startswith(("compare/", "run/")))
     assert {k.split("/")[1] for k in v if k.startswith("compare/")} == {"this stream", "boards"}
     assert "compare/boards/each task's flow, standardised" in v
-    assert "compare/boards/shared Ledoit-Wolf covariance, mean and std over the grid" in v
     # with the true task id nothing is forgotten, on either stream
     assert v["run/this stream/oracle_FM"] == 0 and v["run/boards/oracle_FM"] == 0
 

@@ -4,10 +4,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.covariance import LedoitWolf
 
-from decoflow_core.analysis import routing
 from decoflow_core.losses import patch_nll, tail_aware_loss
-from decoflow_core.router import PrototypeRouter
+from decoflow_core.router import PrototypeRouter, ledoit_wolf, residual_sums
 from decoflow_core.scoring import anomaly_map, gaussian_blur, image_score
 
 
@@ -108,6 +108,20 @@ def test_router_memory_matches_paper_setting():
     assert router.memory_bytes() == expected
 
 
+@pytest.mark.parametrize("n, dims", [(10, 24), (200, 16), (3, 5)])
+def test_ledoit_wolf_from_sums_is_sklearns(n, dims):
+    """The router's Ledoit-Wolf from the sums of its residuals equals sklearn's estimate, with few images
+    (strong shrinkage) and many; the sums of two sets add up to the sums of both."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, dims, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 3, dims, dtype=torch.float64)
+    expected = LedoitWolf().fit(x.numpy()).covariance_
+    np.testing.assert_allclose(ledoit_wolf(*residual_sums(x - x.mean(0))).numpy(), expected, rtol=1e-10, atol=1e-12)
+    a, b = x[: n // 2 + 1], x[n // 2 + 1:]
+    both = [u + v for u, v in zip(residual_sums(a), residual_sums(b))]
+    np.testing.assert_allclose(ledoit_wolf(*both).numpy(), LedoitWolf(assume_centered=True).fit(x.numpy()).covariance_,
+                               rtol=1e-10, atol=1e-12)
+
+
 # ---- scoring ----------------------------------------------------------------------------------
 def test_image_score_modes():
     scores = torch.tensor([[[1.0, 5.0], [3.0, 2.0]]])
@@ -192,9 +206,12 @@ def test_a_shared_covariance_router_refits_one_precision_and_every_threshold_as_
     router.add_task("c", tasks["c"])
     assert len(router.thresholds) == 3 and router.thresholds[:2] != before  # refitted with the new residuals
     query = torch.randn(30, 8, generator=gen, dtype=torch.float64) * scale + 3.0
-    fit = routing.routers(1e-5)[routing.SHARED]
-    expected, _ = fit({name: {"pooled": feats, "patch": None} for name, feats in tasks.items()})
-    torch.testing.assert_close(router.distances(query), expected({"pooled": query}), rtol=1e-5, atol=1e-6)
+    means = [feats.mean(0) for feats in tasks.values()]
+    residuals = torch.cat([feats - mean for feats, mean in zip(tasks.values(), means)]).numpy()
+    precision = torch.from_numpy(np.linalg.inv(LedoitWolf(assume_centered=True).fit(residuals).covariance_
+                                               + 1e-5 * np.eye(8)))
+    expected = torch.stack([((query - m) @ precision * (query - m)).sum(1).sqrt() for m in means], 1)
+    torch.testing.assert_close(router.distances(query), expected, rtol=1e-5, atol=1e-6)  # float32 prototypes
 
     loaded = PrototypeRouter()
     loaded.load_state_dict(router.state_dict())

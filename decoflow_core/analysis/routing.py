@@ -11,14 +11,14 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.covariance import LedoitWolf
 
 from .. import files
 from ..datasets import resolve_data
+from ..features import pooled_key
 from ..report import load_run
-from ..router import UNKNOWN, PrototypeRouter
+from ..router import UNKNOWN, PrototypeRouter, ledoit_wolf, residual_sums
 from ..scenarios import task_name
-from ..train import load_task
+from ..train import build_extractor, load_task
 
 
 def router_options(config) -> dict:
@@ -115,49 +115,8 @@ def grouped_routing_accuracy(train: dict, test: dict, groups: list[list[str]], p
 
 
 def _lw_precision(x: torch.Tensor, reg: float) -> torch.Tensor:
-    cov = torch.from_numpy(LedoitWolf().fit(x.numpy()).covariance_)
+    cov = ledoit_wolf(*residual_sums(x - x.mean(dim=0)))
     return torch.linalg.inv(cov + reg * torch.eye(x.shape[1], dtype=torch.float64))
-
-
-def _mahalanobis(x, mean, precision):
-    diff = x - mean
-    return torch.einsum("bg,gh,bh->b", diff, precision, diff).clamp_min(0).sqrt()
-
-
-def _statistic_router(statistic, reg: float):
-    """Ledoit-Wolf Mahalanobis on ``statistic(features) -> (N, G)`` of every task's training images."""
-    def fit(train: dict):
-        prototypes = []
-        for feats in train.values():
-            x = statistic(feats)
-            prototypes.append((x.mean(0), _lw_precision(x, reg)))
-
-        def distances(feats):
-            x = statistic(feats)
-            return torch.stack([_mahalanobis(x, mean, precision) for mean, precision in prototypes], 1)
-        return distances, sum(m.numel() + p.numel() for m, p in prototypes) * 4 / len(prototypes)
-    return fit
-
-
-def _shared_router(statistic, reg: float):
-    """Mahalanobis to each task's mean of ``statistic(features) -> (N, G)`` under one precision shared by
-    all tasks: Ledoit-Wolf on every task's training residuals (each image minus its own task's mean), as
-    in linear discriminant analysis. The precision changes as tasks are added, so the router keeps every
-    training image's statistic to refit it (as ``PrototypeRouter(covariance="shared")``); memory per task:
-    its mean and statistics, and the shared precision divided by the task count."""
-    def fit(train: dict):
-        stats = [statistic(feats) for feats in train.values()]
-        means = [x.mean(0) for x in stats]
-        residuals = torch.cat([x - mean for x, mean in zip(stats, means)])
-        cov = torch.from_numpy(LedoitWolf(assume_centered=True).fit(residuals.numpy()).covariance_)
-        precision = torch.linalg.inv(cov + reg * torch.eye(cov.shape[0], dtype=torch.float64))
-
-        def distances(feats):
-            x = statistic(feats)
-            return torch.stack([_mahalanobis(x, mean, precision) for mean in means], 1)
-        kept = sum(m.numel() for m in means) + sum(x.numel() for x in stats) + precision.numel()
-        return distances, kept * 4 / len(means)
-    return fit
 
 
 def _pooled(feats):
@@ -165,7 +124,10 @@ def _pooled(feats):
 
 
 def _mean_and_std(feats):
-    """Mean and standard deviation of every channel over the patch grid: (N, 2D)."""
+    """Mean and standard deviation of every channel over the patch grid: (N, 2D) -- the extractor's own
+    (``router_feature="patch_mean_std"``, float32 from unrounded patches) when the features carry it."""
+    if pooled_key("patch_mean_std") in feats:
+        return feats[pooled_key("patch_mean_std")].double()
     patch = feats["patch"].double()
     return torch.cat([patch.mean(dim=(2, 3)), patch.std(dim=(2, 3))], 1)
 
@@ -250,15 +212,16 @@ def _sum_of(*fits):
 
 
 def _take(feats: dict, index) -> dict:
-    return {"patch": feats["patch"][index], "pooled": feats["pooled"][index]}
+    return {key: value[index] for key, value in feats.items() if torch.is_tensor(value)}
 
 
-def _prototype(reg: float, **options):
+def _prototype(reg: float, statistic=_pooled, **options):
+    """The kit's ``PrototypeRouter`` with ``options`` on ``statistic(features) -> (N, G)``."""
     def fit(train: dict):
         router = PrototypeRouter(reg=reg, **options)
         for task, feats in train.items():
-            router.add_task(task, feats["pooled"])
-        return (lambda feats: router.distances(feats["pooled"])), router.memory_bytes() / len(train)
+            router.add_task(task, statistic(feats))
+        return (lambda feats: router.distances(statistic(feats))), router.memory_bytes() / len(train)
     return fit
 
 
@@ -288,29 +251,32 @@ def _patch_nn(bank_size: int, seed: int = 0):
     return fit
 
 
-PAPER, KIT = "Mahalanobis, sample covariance (paper)", "Mahalanobis, Ledoit-Wolf (kit)"
-FLOW = "each task's flow, standardised"
+PAPER = "Mahalanobis, sample covariance (paper)"
+PER_TASK = "Mahalanobis, Ledoit-Wolf per task"
 SHARED = "Mahalanobis, one Ledoit-Wolf covariance shared by the tasks"
-SHARED_MEAN_STD = "shared Ledoit-Wolf covariance, mean and std over the grid"
+KIT = "shared Ledoit-Wolf covariance, mean and std over the grid (kit)"
+FLOW = "each task's flow, standardised"
 
 
 def routers(reg: float, learner=None, bank_size: int = 2000) -> dict:
-    """The candidate routers, {name: fit(train {task: {"patch", "pooled"}}) -> (distances(feats) -> (B, T),
-    bytes per task)}; those that need the trained flows only with ``learner``."""
-    kit = _prototype(reg, metric="mahalanobis", shrinkage="ledoit_wolf")
-    out = {PAPER: _prototype(reg, metric="mahalanobis", shrinkage=None), KIT: kit,
+    """The candidate routers, {name: fit(train {task: {"patch", "pooled", ...}}) -> (distances(feats) -> (B, T),
+    bytes per task)}; those that need the trained flows only with ``learner``. "pooled" is the backbone's
+    pooled output (the paper's router feature); ``KIT`` is the ``cpu`` profile's router."""
+    lw = dict(metric="mahalanobis", shrinkage="ledoit_wolf")
+    per_task, shared = _prototype(reg, **lw), dict(lw, covariance="shared")
+    out = {PAPER: _prototype(reg, metric="mahalanobis", shrinkage=None), PER_TASK: per_task,
            "Euclidean": _prototype(reg, metric="euclidean"),
-           "Ledoit-Wolf, mean and std over the grid": _statistic_router(_mean_and_std, reg),
-           "Ledoit-Wolf, 3x3 region means": _statistic_router(_regions, reg),
-           SHARED: _shared_router(_pooled, reg),
-           SHARED_MEAN_STD: _shared_router(_mean_and_std, reg),
+           "Ledoit-Wolf, mean and std over the grid": _prototype(reg, _mean_and_std, **lw),
+           "Ledoit-Wolf, 3x3 region means": _prototype(reg, _regions, **lw),
+           SHARED: _prototype(reg, **shared),
+           KIT: _prototype(reg, _mean_and_std, **shared),
            "per-position prototypes": _position_router(reg),
            "1-NN, pooled": _pooled_nn,
            f"patch nearest neighbour ({bank_size} patches)": _patch_nn(bank_size)}
     if learner is not None:
         flow = _flow_router(learner)
         out[FLOW] = flow
-        out[FLOW + " + Ledoit-Wolf"] = _sum_of(flow, _standardised(kit))
+        out[FLOW + " + Ledoit-Wolf"] = _sum_of(flow, _standardised(per_task))
     return out
 
 
@@ -348,6 +314,7 @@ def heldout_comparison(run_dir, data) -> pd.DataFrame:
     if not config.val_fraction:
         raise ValueError(f"{run_dir} holds no images out (val_fraction 0); train it with --set val_fraction=0.2")
     root = resolve_data(str(data))
+    extractor = build_extractor(config.replace(router_feature="backbone"))  # "pooled": the backbone's output
     features = {t: load_task(root, t, extractor, config, device) for t in files.read_json(Path(run_dir) / "config.json")["tasks"]}
     table, _ = compare_routers(features, reg=config.router_reg, learner=learner, split="val")
     return table

@@ -125,8 +125,8 @@ def test_shared_covariance_router_pools_the_tasks_residuals():
     features = {f"t{c}": SimpleNamespace(train=images(2.5 * c, 10), test=images(2.5 * c, 50)) for c in range(4)}
     table, _ = routing.compare_routers(features, reg=1e-5, bank_size=8)
     accuracy = dict(zip(table["router"], table["accuracy"]))
-    assert accuracy[routing.SHARED] > accuracy[routing.KIT] + 0.1
-    assert accuracy[routing.SHARED_MEAN_STD] > accuracy[routing.KIT] + 0.1
+    assert accuracy[routing.SHARED] > accuracy[routing.PER_TASK] + 0.1
+    assert accuracy[routing.KIT] > accuracy[routing.PER_TASK] + 0.1
 
     train = {t: d.train for t, d in features.items()}
     distances, memory = routing.routers(1e-5)[routing.SHARED](train)
@@ -135,5 +135,5 @@ def test_shared_covariance_router_pools_the_tasks_residuals():
     precision = np.linalg.inv(LedoitWolf(assume_centered=True).fit(residuals).covariance_ + 1e-5 * np.eye(dims))
     query = features["t2"].test["pooled"].numpy()
     expected = np.stack([np.sqrt(np.einsum("bg,gh,bh->b", query - m, precision, query - m)) for m in means], 1)
-    np.testing.assert_allclose(distances(features["t2"].test).numpy(), expected, rtol=1e-9)
+    np.testing.assert_allclose(distances(features["t2"].test).numpy(), expected, rtol=1e-5)  # float32 prototypes
     assert memory == (4 * dims + 40 * dims + dims * dims) * 4 / 4  # means, the statistics kept, one precision
