@@ -39,10 +39,21 @@ def notebook_parameters(args) -> dict:
     return params
 
 
+OPTIONAL_PARAMETERS = ("REAL_DATA", "SIMILAR_DATA")  # only the notebooks that declare them get them
+
+
+def notebook_own_parameters(notebook: Path, params: dict) -> dict:
+    """``params`` without the optional trees the notebook's ``parameters`` cell does not declare."""
+    declared = pm.inspect_notebook(str(notebook))
+    return {k: v for k, v in params.items() if k in declared or k not in OPTIONAL_PARAMETERS}
+
+
 def execute(notebook: Path, out: Path, params: dict, **papermill_options) -> None:
     """Run one notebook with papermill as ``make reproduce`` does: in notebooks/, without text progress
-    bars in the executed copy (JupyterLab shows them as widgets when the notebook is run by hand)."""
+    bars in the executed copy (JupyterLab shows them as widgets when the notebook is run by hand), and
+    with the optional trees only where the notebook declares them."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # the kernel inherits it
+    params = notebook_own_parameters(notebook, params)
     pm.execute_notebook(str(notebook), str(out), parameters=params, cwd=str(REPO / "notebooks"),
                         progress_bar=False, kernel_name="python3", **papermill_options)
 

@@ -64,3 +64,7 @@ def test_make_reproduce_hands_the_optional_trees_to_the_notebooks(tmp_path):
     params = pipeline.notebook_parameters(args)
     assert params["SIMILAR_DATA"] == str((tmp_path / "boards").resolve()) and "REAL_DATA" not in params
     assert params["SEEDS"] == [0, 1] and params["QUICK"] is True and params["SETS"] == {"epochs": "2"}
+    notebooks = REPO_ROOT / "notebooks"  # only the notebook that declares a tree gets it
+    assert "SIMILAR_DATA" in pipeline.notebook_own_parameters(notebooks / "06_routing_confusion.ipynb", params)
+    assert pipeline.notebook_own_parameters(notebooks / "00_data_and_protocol.ipynb", params) == {
+        k: v for k, v in params.items() if k != "SIMILAR_DATA"}
