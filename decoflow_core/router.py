@@ -21,7 +21,7 @@ def ledoit_wolf(gram, fourth, n):
     squared = gram.pow(2).sum() / n ** 2
     delta = float((squared - dims * mu ** 2) / dims)
     beta = min(float((fourth / n - squared) / (dims * n)), delta)
-    shrinkage = 0.0 if beta == 0 else beta / delta
+    shrinkage = beta / delta if delta else 0.0  # delta 0: S is already mu I
     return (1 - shrinkage) * emp + shrinkage * mu * torch.eye(dims, dtype=emp.dtype)
 
 

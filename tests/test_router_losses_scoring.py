@@ -120,6 +120,8 @@ def test_ledoit_wolf_from_sums_is_sklearns(n, dims):
     both = [u + v for u, v in zip(residual_sums(a), residual_sums(b))]
     np.testing.assert_allclose(ledoit_wolf(*both).numpy(), LedoitWolf(assume_centered=True).fit(x.numpy()).covariance_,
                                rtol=1e-10, atol=1e-12)
+    for flat in (torch.ones(4, 3, dtype=torch.float64), torch.tensor([[1.0], [-1.0], [1.0]], dtype=torch.float64)):
+        assert torch.isfinite(ledoit_wolf(*residual_sums(flat))).all()  # S = mu I: no shrinkage to compute
 
 
 # ---- scoring ----------------------------------------------------------------------------------
