@@ -94,19 +94,40 @@ class PrototypeRouter:
     def _inverse(self, cov):
         return torch.linalg.inv(cov + self.reg * torch.eye(cov.shape[0], dtype=torch.float64))
 
-    def _refit_shared(self):
-        """The shared precision from every prototype's residuals, and every threshold again: each fold of
-        a prototype's images measured against the mean of the rest, under the precision of the other
-        prototypes' residuals and the rest's."""
+    @property
+    def thresholds(self):
+        """Each prototype's acceptance threshold (None: accepts everything). With a shared covariance they
+        are refitted when first needed after prototypes arrive, not at every ``add_task``."""
+        if self._thresholds is None:
+            self._thresholds = self._shared_thresholds()
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, value):
+        self._thresholds = value
+
+    def _shared_sums(self):
+        """(each prototype's features in float64, their residual sums, the sums over all prototypes)."""
         feats = [f.double() for f in self.features]
         sums = [residual_sums(f - f.mean(dim=0)) for f in feats]
-        total = [sum(parts) for parts in zip(*sums)]
+        return feats, sums, [sum(parts) for parts in zip(*sums)]
+
+    def _refit_shared(self):
+        """The shared precision from every prototype's residuals; every threshold is stale."""
+        _, _, total = self._shared_sums()
         self.shared_precision = self._inverse(ledoit_wolf(*total)).to(self.dtype)
-        self.thresholds = []
+        self._thresholds = None
+
+    def _shared_thresholds(self):
+        """Each fold of a prototype's images measured against the mean of the rest, under the precision of
+        the other prototypes' residuals and the rest's."""
+        feats, sums, total = self._shared_sums()
+        thresholds = []
         for own, mine in zip(feats, sums):
             others = [t - m for t, m in zip(total, mine)]
-            self.thresholds.append(self._threshold(own, lambda rest: self._inverse(ledoit_wolf(*(
+            thresholds.append(self._threshold(own, lambda rest: self._inverse(ledoit_wolf(*(
                 o + r for o, r in zip(others, residual_sums(rest - rest.mean(dim=0))))))))
+        return thresholds
 
     def _distance(self, feats, mean, precision):  # (B, G), (G,), (G, G) or None -> (B,)
         diff = feats - mean
