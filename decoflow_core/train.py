@@ -17,7 +17,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from .backbone import FeatureExtractor
 from .config import Config, as_dict, changed_fields, validate
 from .data import Category, list_categories, load_category, load_image, mask_for, validate_tree
 from .datasets.synthetic import synthetic_defects
-from .features import array_features, extract_features
+from .features import array_features, extract_features, pooled_key
 from .learners import METHODS, Learner, make_learner
 from .losses import training_loss
 from .metrics import backward_transfer, forgetting, image_ap, image_auroc, image_auroc_by_type, pixel_metrics
@@ -153,6 +153,13 @@ class TaskData:
     synthetic: dict | None  # synthetic defects made from the held-out images (None without them)
     labels: np.ndarray  # (M,) 0 good / 1 defect
     masks: np.ndarray | None  # (M, S, S) bool at eval_size, None when the category lacks masks
+
+
+def with_router_feature(data: TaskData, router_feature: str) -> TaskData:
+    """``data`` whose "pooled" features are ``router_feature``'s (every features dict holds them all)."""
+    swap = lambda feats: None if feats is None else {**feats, "pooled": feats[pooled_key(router_feature)]}
+    return replace(data, train=swap(data.train), test=swap(data.test), val=swap(data.val),
+                   synthetic=swap(data.synthetic))
 
 
 def resolve_device(name: str) -> str:

@@ -172,6 +172,17 @@ def test_routed_run_records_the_oracle_scores_of_the_same_model(run_method, tiny
     assert misrouted["final"] != oracle_run["final"]
 
 
+def test_with_router_feature_picks_the_pooled_features_of_one_router_feature():
+    def feats(n):
+        return {"patch": torch.zeros(n, 2, 1, 1), "pooled": torch.zeros(n, 2), "pooled_backbone": torch.ones(n, 3),
+                "pooled_patch_mean_std": torch.full((n, 4), 2.0)}
+    data = train.TaskData("a", None, feats(3), feats(2), None, None, np.zeros(2), None)
+    backbone = train.with_router_feature(data, "backbone")
+    assert backbone.train["pooled"].shape == (3, 3) and backbone.test["pooled"].shape == (2, 3) and backbone.val is None
+    assert torch.equal(train.with_router_feature(data, "patch_mean_std").train["pooled"], torch.full((3, 4), 2.0))
+    assert data.train["pooled"].shape == (3, 2)  # the original is unchanged
+
+
 def test_hold_out_draws_a_disjoint_seeded_share_of_the_training_images():
     features = {"patch": torch.arange(20.0).view(20, 1, 1, 1), "pooled": torch.arange(20.0).view(20, 1),
                 "cached": True}

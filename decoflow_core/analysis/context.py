@@ -20,7 +20,7 @@ from .. import files
 from ..config import Config, make_config
 from ..data import list_categories
 from ..datasets import BUILT, resolve_data
-from ..train import RunError, build_extractor, load_task, resolve_device
+from ..train import RunError, build_extractor, load_task, resolve_device, with_router_feature
 from .executors import EXECUTORS, make_executor
 from .plots import save_figure
 from .runs import ensure_run, ensure_runs, load_metrics, profile_sets
@@ -141,18 +141,19 @@ class Context:
 
     def features(self, data_root=None, **changes) -> dict:
         """{task: train.TaskData} of the stream's features (read from the feature cache); with
-        ``data_root``, of every category of that MVTec-layout tree instead."""
+        ``data_root``, of every category of that MVTec-layout tree instead. "pooled" is the config's
+        ``router_feature``; the features are loaded once for every router feature."""
         config = self.config(**changes)
         root = Path(data_root) if data_root else self.data_root
         tasks = list_categories(root) if data_root else self.tasks
         key = (str(root),) + tuple(getattr(config, k) for k in (
             "backbone", "backbone_weights", "image_size", "image_resize", "grid", "aggregation", "feature_dim",
-            "router_feature", "positional_encoding", "pe_order", "pe_scale", "eval_size"))  # what TaskData depends on
+            "positional_encoding", "pe_order", "pe_scale", "eval_size"))  # what TaskData depends on
         if key not in self._features:
             device = resolve_device(config.device)
             extractor = build_extractor(config)
             self._features[key] = {t: load_task(root, t, extractor, config, device) for t in tasks}
-        return self._features[key]
+        return {t: with_router_feature(data, config.router_feature) for t, data in self._features[key].items()}
 
     def figure(self, fig, name: str):
         """Save ``fig`` (PNG and PDF) and return the PNG for the notebook to show."""

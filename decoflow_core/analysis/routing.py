@@ -18,7 +18,7 @@ from ..features import pooled_key
 from ..report import load_run
 from ..router import UNKNOWN, PrototypeRouter, ledoit_wolf, residual_sums
 from ..scenarios import task_name
-from ..train import build_extractor, load_task
+from ..train import load_task, with_router_feature
 
 
 def router_options(config) -> dict:
@@ -314,8 +314,8 @@ def heldout_comparison(run_dir, data) -> pd.DataFrame:
     if not config.val_fraction:
         raise ValueError(f"{run_dir} holds no images out (val_fraction 0); train it with --set val_fraction=0.2")
     root = resolve_data(str(data))
-    extractor = build_extractor(config.replace(router_feature="backbone"))  # "pooled": the backbone's output
-    features = {t: load_task(root, t, extractor, config, device) for t in files.read_json(Path(run_dir) / "config.json")["tasks"]}
+    tasks = files.read_json(Path(run_dir) / "config.json")["tasks"]  # "pooled": the backbone's output
+    features = {t: with_router_feature(load_task(root, t, extractor, config, device), "backbone") for t in tasks}
     table, _ = compare_routers(features, reg=config.router_reg, learner=learner, split="val")
     return table
 
