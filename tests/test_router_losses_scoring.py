@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from sklearn.covariance import LedoitWolf
 
 from decoflow_core.losses import patch_nll, tail_aware_loss
@@ -145,6 +146,15 @@ def test_blur_of_a_delta_is_the_gaussian():
     g = g / g.sum()
     assert torch.allclose(blurred, torch.outer(g, g), atol=1e-12)
     assert blurred.sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("shape", [(2, 33, 40), (1, 5, 7)])  # the second smaller than the kernel
+def test_reflect_blur_equals_scipy(shape):
+    images = torch.rand(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours = gaussian_blur(images, 2.5, padding="reflect").numpy()
+    for image, blurred in zip(images.numpy(), ours):
+        expected = ndimage.gaussian_filter(image, 2.5, mode="reflect", truncate=4.0)
+        assert np.allclose(blurred, expected, atol=1e-12)
 
 
 def test_anomaly_map_keeps_the_peak():

@@ -1,12 +1,15 @@
 """A notebook's context: task stream, profile overrides, tables, paths (analysis/context.py)."""
 from __future__ import annotations
 
+import argparse
+import os
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 import pytest
 
-from decoflow_core.analysis import context
+from decoflow_core.analysis import context, pipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,9 +59,6 @@ def test_kit_path_resolves_relative_paths_against_the_kit_not_the_cwd(tmp_path, 
 
 
 def test_make_reproduce_hands_the_optional_trees_to_the_notebooks(tmp_path):
-    import argparse
-
-    from decoflow_core.analysis import pipeline
     args = argparse.Namespace(data="embedded", profile="cpu", quick="1", seeds="0,1", set=["epochs=2"],
                               real_data=None, similar_data=str(tmp_path / "boards"))
     params = pipeline.notebook_parameters(args)
@@ -68,3 +68,12 @@ def test_make_reproduce_hands_the_optional_trees_to_the_notebooks(tmp_path):
     assert "SIMILAR_DATA" in pipeline.notebook_own_parameters(notebooks / "06_routing_confusion.ipynb", params)
     assert pipeline.notebook_own_parameters(notebooks / "00_data_and_protocol.ipynb", params) == {
         k: v for k, v in params.items() if k != "SIMILAR_DATA"}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="local-socket kernels are POSIX only")
+def test_make_reproduce_kernels_use_local_sockets_and_print_no_transport_warning(tmp_path, capfd):
+    notebook, out = tmp_path / "tiny.ipynb", tmp_path / "tiny-out.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")]), notebook)
+    pipeline.execute(notebook, out, {})
+    assert nbformat.read(out, as_version=4).cells[0].outputs[0]["text"] == "42\n"
+    assert "without encryption" not in capfd.readouterr().err
