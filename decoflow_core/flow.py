@@ -30,6 +30,12 @@ def freia_permutations(dim, count, seed=0):
     return [torch.from_numpy(rng.permutation(dim)) for _ in range(count)]
 
 
+def gather_channels(x, index):
+    """x[..., index] for a channels-last x: index_select on the (N, D) view, which is several times
+    faster on CPU, forward and backward, than on the last axis of the 4-D tensor."""
+    return x.reshape(-1, x.shape[-1]).index_select(1, index).reshape(*x.shape[:-1], len(index))
+
+
 class LoRALinear(nn.Module):
     """Linear layer with one low-rank adapter per task (Eq. 5).
 
@@ -128,9 +134,9 @@ class AffineCoupling(nn.Module):
 
     def forward(self, x):  # x: (B, H, W, D)
         if self.pre is not None:
-            x = x.index_select(-1, self.pre)  # index_select: fast backward
+            x = gather_channels(x, self.pre)
         y, logdet = self.coupled(x)
-        return y.index_select(-1, self.post), logdet  # (B, H, W, D), (B, H, W)
+        return gather_channels(y, self.post), logdet  # (B, H, W, D), (B, H, W)
 
     def coupled(self, x):
         """The coupling on input already gathered by ``pre``; ``post`` is not applied. A stack of
@@ -148,13 +154,13 @@ class AffineCoupling(nn.Module):
         return y, logdet
 
     def inverse(self, y):  # y: (B, H, W, D)
-        y = y.index_select(-1, self.inv_perm if self.freia else self.perm)
+        y = gather_channels(y, self.inv_perm if self.freia else self.perm)
         if self.freia:
             y = (y - self.affine_offset) / self.affine_scale
         y1, y2 = y[..., : self.split], y[..., self.split :]
         s, t = self._scale_shift(y1)
         x = torch.cat([y1, (y2 - t) * torch.exp(-s)], dim=-1)
-        return x if self.freia else x.index_select(-1, self.inv_perm)
+        return x if self.freia else gather_channels(x, self.inv_perm)
 
 
 class SoftClampAffine(torch.autograd.Function):

@@ -22,6 +22,7 @@ from .flow import (
     MLPSubnet,
     SeparateMLPSubnet,
     freia_permutations,
+    gather_channels,
     random_permutation,
 )
 
@@ -381,7 +382,7 @@ def _compose(first, second):
 
 
 def _gather(h, index):
-    return h if index is None else h.index_select(-1, index)  # index_select: fast backward
+    return h if index is None else gather_channels(h, index)
 
 
 def build_flow(config: Config, dim: int) -> DeCoFlow:
