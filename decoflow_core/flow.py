@@ -225,6 +225,7 @@ class DecomposedSubnet(nn.Module):
             _zero_(self.t_out.base)
 
     def forward(self, x1):  # x1: (B, H, W, d1)
+        x1 = x1.contiguous()  # one copy of the split's view, read by the convolution and both subnets
         s_input = x1
         if self.context is not None:
             ctx = self.context(x1.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, d1)

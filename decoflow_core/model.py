@@ -217,8 +217,10 @@ class DeCoFlow(nn.Module):
         """TSA then SCM of the active task: features (B, D, H, W) -> flow input u (B, D, H, W)."""
         if x.dim() != 4 or x.shape[1] != self.dim:
             raise ValueError(f"expected patch features (B, {self.dim}, H, W), got {tuple(x.shape)}")
+        x = x.permute(0, 2, 3, 1).contiguous()  # channels-last in memory from here on (B, H, W, D)
         if self.tsa is not None:
-            x = self.tsa(x.permute(0, 2, 3, 1), self.active_task).permute(0, 3, 1, 2)
+            x = self.tsa(x, self.active_task)
+        x = x.permute(0, 3, 1, 2)  # (B, D, H, W) view: the SCM's depthwise convolution is fastest on it
         if self.scm is not None:
             x = self.scm(x, self.active_task)
         return x
